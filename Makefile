@@ -1,0 +1,35 @@
+# Two commands for a fresh machine (only Python 3.11 needed):
+#   make run    -> creates .venv, installs, runs `kedro run` on the bundled default
+#   make test   -> creates .venv, installs, runs the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export KEDRO_DISABLE_TELEMETRY := 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test lint clean-data
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+# torch first, pinned: pip takes the CPU wheel when one is available locally
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install "torch==2.13.0"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/kedro run $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests scripts benchmarks
+
+clean-data:
+	find data/0[2-8]_* -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

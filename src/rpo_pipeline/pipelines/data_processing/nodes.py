@@ -1,0 +1,87 @@
+"""data_processing nodes: thin wrappers over ``rpo_pipeline.preference_data`` and friends."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+
+from rpo_pipeline.base_model import make_base_model
+from rpo_pipeline.preference_data import SPLITS, assign_splits, groups_to_pairs, ingest
+from rpo_pipeline.text_format import Template, format_groups, tokenize_examples
+from rpo_pipeline.tracking import MetricsPayload, scalars
+
+log = logging.getLogger(__name__)
+
+
+def ingest_preferences(raw: pd.DataFrame, params: dict[str, Any]
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, MetricsPayload]:
+    """Validate raw rows into canonical groups; dropped rows (``on_invalid: drop``) with reasons."""
+    result = ingest(raw, fmt=params["format"], on_invalid=params["on_invalid"],
+                    columns=params.get("columns"))
+    counts = result.counts
+    log.info("format %s: %d rows in, %d out, %d dropped", result.format, counts["rows_in"],
+             counts["rows_out"], counts["rows_dropped"])
+    if len(result.dropped):
+        log.warning("dropped %d invalid rows; reasons: %s", len(result.dropped),
+                    result.dropped["reason"].str.replace(r"row \d+", "row N", regex=True)
+                    .value_counts().head(5).to_dict())
+    return result.groups, result.dropped, scalars(counts)
+
+
+def split_by_prompt(groups: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+    """Assign train / val / test by a seeded hash of the prompt text."""
+    return assign_splits(groups, params["split"], params["seed"])
+
+
+def make_pairs(groups: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+    """One (chosen, rejected) pair per group: best vs worst or vs a seeded random other."""
+    return groups_to_pairs(groups, rejected=params["rejected"], seed=params["seed"])
+
+
+def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: dict[str, Any]
+                     ) -> tuple[Any, Any]:
+    """Base causal LM and tokenizer; the builtin tokenizer is trained on the train split's text."""
+    train = groups[groups["split"] == "train"]
+    template_words = Template.parse(params["template"]).prefix.replace("{prompt}", " ")
+
+    def texts():
+        for prompt, responses in zip(train["prompt"], train["responses"], strict=True):
+            yield f"{template_words} {prompt}"
+            yield from responses
+
+    model, tokenizer = make_base_model(base_params, texts())
+    log.info("base model %s: %.2f M parameters, vocab %d", base_params["name_or_path"],
+             model.num_parameters() / 1e6, len(tokenizer))
+    return model, tokenizer
+
+
+def format_responses(groups: pd.DataFrame, tokenizer: Any, params: dict[str, Any]) -> pd.DataFrame:
+    """Prompt and response text of every response, with the template or the chat template."""
+    return format_groups(groups, template=params["template"],
+                         use_chat_template=params["use_chat_template"], tokenizer=tokenizer)
+
+
+def tokenize_responses(examples: pd.DataFrame, tokenizer: Any, params: dict[str, Any]
+                       ) -> pd.DataFrame:
+    """Token ids with the response start index; prompts keep their end, responses their start."""
+    return tokenize_examples(examples, tokenizer, params["max_prompt_length"], params["max_length"],
+                             chat_template=params["use_chat_template"])
+
+
+def summarize(groups: pd.DataFrame, pairs: pd.DataFrame, tokenized: pd.DataFrame
+              ) -> MetricsPayload:
+    """Counts per split, pairs, truncation and lengths for MLflow."""
+    m: dict[str, float] = {}
+    for s in SPLITS:
+        m[f"groups_{s}"] = int((groups["split"] == s).sum())
+        m[f"pairs_{s}"] = int((pairs["split"] == s).sum()) if len(pairs) else 0
+    m["groups_without_preference"] = len(groups) - len(pairs)
+    m["examples"] = len(tokenized)
+    m["prompt_truncated"] = int(tokenized["prompt_truncated"].sum())
+    m["response_truncated"] = int(tokenized["response_truncated"].sum())
+    m["tokens_mean"] = float(tokenized["length"].mean())
+    m["tokens_max"] = int(tokenized["length"].max())
+    log.info("data_processing summary: %s", m)
+    return scalars(m)

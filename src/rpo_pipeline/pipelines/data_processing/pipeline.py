@@ -1,0 +1,62 @@
+"""data_processing pipeline wiring."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import (
+    build_base_model,
+    format_responses,
+    ingest_preferences,
+    make_pairs,
+    split_by_prompt,
+    summarize,
+    tokenize_responses,
+)
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                ingest_preferences,
+                inputs=["raw_preferences", "params:data_processing"],
+                outputs=["validated_groups", "dropped_rows", "data_processing_ingest_metrics"],
+                name="ingest_preferences",
+            ),
+            Node(
+                split_by_prompt,
+                inputs=["validated_groups", "params:data_processing"],
+                outputs="preference_groups",
+                name="split_by_prompt",
+            ),
+            Node(
+                make_pairs,
+                inputs=["preference_groups", "params:data_processing"],
+                outputs="preference_pairs",
+                name="make_pairs",
+            ),
+            Node(
+                build_base_model,
+                inputs=["preference_groups", "params:base_model", "params:data_processing"],
+                outputs=["base_model", "tokenizer"],
+                name="build_base_model",
+            ),
+            Node(
+                format_responses,
+                inputs=["preference_groups", "tokenizer", "params:data_processing"],
+                outputs="formatted_examples",
+                name="format_responses",
+            ),
+            Node(
+                tokenize_responses,
+                inputs=["formatted_examples", "tokenizer", "params:data_processing"],
+                outputs="tokenized_examples",
+                name="tokenize_responses",
+            ),
+            Node(
+                summarize,
+                inputs=["preference_groups", "preference_pairs", "tokenized_examples"],
+                outputs="data_processing_metrics",
+                name="summarize_data",
+            ),
+        ]
+    )
