@@ -1,0 +1,70 @@
+"""Shared test fixtures: offline, no telemetry, a throwaway copy of the project for Kedro runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
+DEFAULT_DATA = ROOT / "data" / "01_raw" / "sentiment_reviews.jsonl"
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared/data, or skip the test (the folder is absent outside this workspace)."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"../shared/data/{relative} is not present (public sample data beside the repo)")
+    return path
+
+
+@pytest.fixture
+def project_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of the project's conf/, raw data and pyproject.toml to run Kedro sessions in.
+
+    The copy's MLflow store is its own mlflow.db, by absolute URI: mlflow caches stores by URI,
+    so the relative ``sqlite:///mlflow.db`` would keep pointing at the first copy in this process.
+    """
+    dst = tmp_path / "project"
+    shutil.copytree(ROOT / "conf", dst / "conf", ignore=shutil.ignore_patterns("credentials*"))
+    (dst / "data" / "01_raw").mkdir(parents=True)
+    shutil.copy(DEFAULT_DATA, dst / "data" / "01_raw")
+    for layer in ("02_intermediate", "03_primary", "04_feature", "05_model_input", "06_models",
+                  "07_model_output", "08_reporting"):
+        (dst / "data" / layer).mkdir()
+    shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")
+    mlflow_yml = dst / "conf" / "base" / "mlflow.yml"
+    mlflow_yml.write_text(mlflow_yml.read_text().replace(
+        "sqlite:///mlflow.db", f"sqlite:///{dst / 'mlflow.db'}"))
+    (dst / "src").mkdir()  # bootstrap_project wants it; the package itself is installed
+    monkeypatch.chdir(dst)
+    return dst
+
+
+def run_kedro(project: Path, pipelines: list[str], env: str | None = None,
+              runtime_params: dict | None = None) -> dict:
+    """Run pipelines in-process like `kedro run --pipelines=... --env=...`."""
+    import mlflow
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    while mlflow.active_run():  # a stale run from an earlier in-process session
+        mlflow.end_run()
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env=env, runtime_params=runtime_params) as s:
+        return s.run(pipeline_names=pipelines)
+
+
+def mlflow_runs(project: Path):
+    """All runs of the experiment `rpo_pipeline` in the project's SQLite store, newest first."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["rpo_pipeline"], output_format="list")

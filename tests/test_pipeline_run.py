@@ -1,0 +1,65 @@
+"""`kedro run --pipelines=data_processing` end to end, with counts in MLflow."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from conftest import mlflow_runs, run_kedro, shared_file
+
+pytestmark = pytest.mark.slow
+
+
+def _metrics(project):
+    run = mlflow_runs(project)[0]
+    return run, {k.removeprefix("data_processing."): v for k, v in run.data.metrics.items()}
+
+
+def test_pipelines_are_registered():
+    from kedro.framework.project import configure_project, pipelines
+
+    configure_project("rpo_pipeline")
+    assert "data_processing" in pipelines and "__default__" in pipelines
+    assert {n.name for n in pipelines["data_processing"].nodes} >= {
+        "ingest_preferences", "split_by_prompt", "build_base_model", "tokenize_responses"}
+
+
+def test_default_run_logs_counts_and_splits_by_prompt(project_copy):
+    run_kedro(project_copy, ["data_processing"])
+    run, m = _metrics(project_copy)
+    assert run.info.run_name == "data_processing" and run.info.status == "FINISHED"
+    assert m["rows_in"] == 2800 == m["rows_out"] + m["rows_dropped"]
+    assert m["groups_train"] >= 2000 and m["groups_val"] >= 200 and m["groups_test"] >= 200
+    assert run.data.params["data_processing.split.train"] == "0.8"  # params are flattened
+    groups = pd.read_parquet(project_copy / "data/03_primary/preference_groups.parquet")
+    assert groups.groupby("prompt")["split"].nunique().max() == 1
+    tok = pd.read_parquet(project_copy / "data/05_model_input/tokenized_examples.parquet")
+    assert len(tok) == m["examples"] == 4 * 2800
+    assert (project_copy / "data/06_models/base_model/model.safetensors").exists()
+
+
+def _run_env(project, env, data_path):
+    catalog = project / "conf" / env / "catalog.yml"
+    text = catalog.read_text()
+    catalog.write_text(text.replace(text.split("filepath: ")[1].split("\n")[0], str(data_path)))
+    run_kedro(project, ["data_processing"], env=env)
+    return _metrics(project)[1]
+
+
+def test_hh_env(project_copy):
+    path = shared_file("hh_rlhf/helpful-base_test.jsonl.gz")
+    m = _run_env(project_copy, "hh_rlhf", path)
+    assert m["rows_in"] == 2354 == m["rows_out"] + m["rows_dropped"]
+    dropped = pd.read_csv(project_copy / "data/02_intermediate/dropped_rows.csv")
+    assert len(dropped) == m["rows_dropped"] and dropped["reason"].notna().all()
+    groups = pd.read_parquet(project_copy / "data/03_primary/preference_groups.parquet")
+    assert groups.groupby("prompt")["split"].nunique().max() == 1
+
+
+def test_ultrafeedback_env(project_copy):
+    path = shared_file("ultrafeedback_binarized_1k/train_clean.jsonl")
+    m = _run_env(project_copy, "ultrafeedback", path)
+    assert m["rows_in"] == 1000 == m["rows_out"] + m["rows_dropped"]
+    pairs = pd.read_parquet(project_copy / "data/03_primary/preference_pairs.parquet")
+    assert len(pairs) == m["rows_out"] and pairs["score_chosen"].notna().all()
+    assert (pairs["score_chosen"] >= pairs["score_rejected"]).all()
