@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
 from conftest import mlflow_runs, run_kedro, shared_file
 
 pytestmark = pytest.mark.slow

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
-from rpo_pipeline.preference_data import assign_splits, groups_to_pairs, ingest, read_preference_files
-
 from conftest import DEFAULT_DATA
+
+from rpo_pipeline.preference_data import (
+    assign_splits,
+    groups_to_pairs,
+    ingest,
+    read_preference_files,
+)
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 

@@ -7,7 +7,12 @@ import re
 
 import pytest
 
-from rpo_pipeline.preference_data import PreferenceDataError, ingest, read_preference_files, write_jsonl
+from rpo_pipeline.preference_data import (
+    PreferenceDataError,
+    ingest,
+    read_preference_files,
+    write_jsonl,
+)
 
 GOOD = {
     "pairs": [{"prompt": "p1", "chosen": "good", "rejected": "bad"},
@@ -32,7 +37,8 @@ CASES = [
     ("pairs", {**SCORED_PAIR, "score_chosen": -1.0}, r"score_chosen -1 < score_rejected 0"),
     ("pairs", {"prompt": "p1", "chosen": "good", "rejected": "bad"}, r"duplicate of row 1"),
     ("pairs", {"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "x"}],
-               "rejected": [{"role": "assistant", "content": "y"}]}, r"'prompt\[0\]' is not a \{role, content\} message"),
+               "rejected": [{"role": "assistant", "content": "y"}]},
+     r"'prompt\[0\]' is not a \{role, content\} message"),
     ("scored", {"prompt": "p2", "responses": ["a", "b", "c"], "scores": [1.0, 2.0]},
      r"'responses' has 3 items but 'scores' has 2"),
     ("scored", {"prompt": "p2", "responses": ["a"], "scores": [1.0]}, r"needs at least 2 responses, got 1"),

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,20 +250,14 @@ def render_messages(messages: Sequence[dict[str, str]]) -> str:
     return "\n\n".join(turns) + "\n\nAssistant:"
 
 
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
 def parse_hh_transcript(text: str) -> list[dict[str, str]]:
     """Split an HH transcript into ``{role, content}`` messages (Human -> user)."""
-    msgs, pos = [], 0
-    marks = {HH_HUMAN: "user", HH_ASSISTANT: "assistant"}
-    while True:
-        starts = [(text.find(m, pos), m) for m in marks if text.find(m, pos) >= 0]
-        if not starts:
-            break
-        start, mark = min(starts)
-        end_candidates = [text.find(m, start + len(mark)) for m in marks]
-        end = min([e for e in end_candidates if e >= 0], default=len(text))
-        msgs.append({"role": marks[mark], "content": text[start + len(mark):end].strip()})
-        pos = end
-    return msgs
+    parts = _HH_TURN.split(text)  # [before, role, content, role, content, ...]
+    return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+            for role, content in zip(parts[1::2], parts[2::2], strict=True)]
 
 
 @dataclass
@@ -314,8 +309,9 @@ def parse_hh_row(row: dict[str, Any]) -> Group:
         return parse_pairs_row({"prompt": c[:-1] or [{"role": "user", "content": ""}],
                                 "chosen": c[-1:], "rejected": r[-1:]}, has_scores=False)
     chosen, rejected = _text(chosen_v, "chosen"), _text(rejected_v, "rejected")
-    common = os.path.commonprefix([chosen, rejected])
-    cut = common.rfind(HH_ASSISTANT)
+    cut = chosen.rfind(HH_ASSISTANT)  # fast path: rejected shares chosen's last-turn prefix
+    if cut < 0 or not rejected.startswith(chosen[:cut + len(HH_ASSISTANT)]):
+        cut = os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT)
     if cut < 0:
         raise RowError("chosen and rejected share no prefix ending in '\\n\\nAssistant:'")
     cut += len(HH_ASSISTANT)

@@ -87,9 +87,13 @@ def tokenize_examples(examples: pd.DataFrame, tokenizer, max_prompt_length: int,
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length "
                          f"({max_length})")
     # chat templates already carry BOS and other special tokens as text
-    # verbose=False: lengths beyond model_max_length are expected here, truncation follows
-    p_ids = tokenizer(examples["prompt_text"].tolist(), add_special_tokens=not chat_template,
-                      verbose=False)["input_ids"]
+    # each distinct prompt once (a group's K responses share it); verbose=False: lengths beyond
+    # model_max_length are expected here, truncation follows
+    prompts = examples["prompt_text"].tolist()
+    unique = list(dict.fromkeys(prompts))
+    ids = tokenizer(unique, add_special_tokens=not chat_template, verbose=False)["input_ids"]
+    by_text = dict(zip(unique, ids, strict=True))
+    p_ids = [by_text[p] for p in prompts]
     r_ids = tokenizer(examples["response_text"].tolist(), add_special_tokens=False,
                       verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id if add_eos else None
