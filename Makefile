@@ -8,7 +8,7 @@ export KEDRO_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint clean-data
+.PHONY: setup run test lint viz mlflow-ui clean-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks
+
+# the UIs shell out to the venv's executables, so put it on PATH
+viz: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/kedro viz run $(ARGS)
+
+mlflow-ui: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/kedro mlflow ui $(ARGS)
 
 clean-data:
 	find data/0[2-8]_* -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
