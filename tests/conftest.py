@@ -50,15 +50,22 @@ def project_copy(tmp_path, monkeypatch) -> Path:
 
 def run_kedro(project: Path, pipelines: list[str], env: str | None = None,
               runtime_params: dict | None = None) -> dict:
-    """Run pipelines in-process like `kedro run --pipelines=... --env=...`."""
+    """Run pipelines in-process like `kedro run --pipelines=... --env=... --params=a.b=v,...`."""
     import mlflow
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
     while mlflow.active_run():  # a stale run from an earlier in-process session
         mlflow.end_run()
+    nested: dict = {}
+    for key, value in (runtime_params or {}).items():  # "a.b": v -> {"a": {"b": v}}, as --params
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
     bootstrap_project(project)
-    with KedroSession.create(project_path=project, env=env, runtime_params=runtime_params) as s:
+    with KedroSession.create(project_path=project, env=env, runtime_params=nested) as s:
         return s.run(pipeline_names=pipelines)
 
 

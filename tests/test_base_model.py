@@ -33,7 +33,7 @@ def test_pretrained_dir_roundtrip_safetensors(tmp_path):
     mds.save(model)
     tds.save(tok)
     assert (tmp_path / "m" / "model.safetensors").exists() and mds.exists()
-    loaded, ltok = mds.load(), tds.load()
+    loaded, ltok = mds.load().load(), tds.load().load()  # handles load on demand
     x = torch.tensor([tok("a dull plot")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(model.eval()(x).logits, loaded.eval()(x).logits)

@@ -62,3 +62,35 @@ def test_ultrafeedback_env(project_copy):
     pairs = pd.read_parquet(project_copy / "data/03_primary/preference_pairs.parquet")
     assert len(pairs) == m["rows_out"] and pairs["score_chosen"].notna().all()
     assert (pairs["score_chosen"] >= pairs["score_rejected"]).all()
+
+
+TINY_RUN = {"base_model.model.n_layer": 1, "base_model.model.n_embd": 32, "base_model.model.n_head": 2,
+            "reference.sft.steps": 3,
+            "reference.sft.progress": False, "reference.device": "cpu"}
+
+
+def _reference_metrics(project):
+    run = mlflow_runs(project)[0]
+    return {k.removeprefix("reference."): v for k, v in run.data.metrics.items()
+            if k.startswith("reference.")}
+
+
+def test_reference_twice_hits_both_caches(project_copy):
+    """`kedro run --pipelines=reference` twice: the second run trains and scores nothing."""
+    run_kedro(project_copy, ["reference"], runtime_params=TINY_RUN)
+    first = _reference_metrics(project_copy)
+    assert first["sft_cache_hit"] == 0 and first["cache_hit"] == 0
+    assert first["cache_sequences"] > 10_000 and "sft_loss" in first and "sft_val_loss" in first
+    sft_dir = project_copy / "data/06_models/sft_model"
+    assert (sft_dir / "model.safetensors").exists() and (sft_dir / "fingerprint.json").exists()
+
+    run_kedro(project_copy, ["reference"], runtime_params=TINY_RUN)
+    second = _reference_metrics(project_copy)
+    assert second["sft_cache_hit"] == 1 and second["cache_hit"] == 1
+    assert second["sft_seconds"] + second["cache_seconds"] < 0.1 * (
+        first["sft_seconds"] + first["cache_seconds"])
+
+    run_kedro(project_copy, ["reference"],
+              runtime_params={**TINY_RUN, "data_processing.max_length": 120})
+    third = _reference_metrics(project_copy)
+    assert third["sft_cache_hit"] == 1 and third["cache_hit"] == 0  # only the cache recomputes

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from kedro.io import AbstractDataset
 from kedro.utils import load_obj
 
+from rpo_pipeline.fingerprint import FINGERPRINT_FILE, CacheHit, Fingerprinted, hash_dir
 from rpo_pipeline.preference_data import read_preference_files
+
+PARQUET_FINGERPRINT_KEY = b"rpo_pipeline.fingerprint"
 
 
 class PreferenceFileDataset(AbstractDataset[None, pd.DataFrame]):
@@ -42,11 +50,38 @@ class PreferenceFileDataset(AbstractDataset[None, pd.DataFrame]):
         return {"filepath": self._filepath, "file_format": self._file_format}
 
 
-class PretrainedDirDataset(AbstractDataset[Any, Any]):
+@dataclass(frozen=True)
+class PretrainedHandle:
+    """A ``save_pretrained`` directory, loaded only on demand.
+
+    Stages that may skip work (caches) fingerprint the files without loading the model, and stages
+    that need several copies (a 4-bit model to train and another to score) load each fresh.
+    """
+
+    path: Path
+    load_class: str = "transformers.AutoModelForCausalLM"
+    load_args: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, **overrides: Any) -> Any:
+        cls = load_obj(self.load_class)
+        return cls.from_pretrained(str(self.path), **{**self.load_args, **overrides})
+
+    def content_hash(self) -> str:
+        """Digest of the directory's files (the stored fingerprint file excluded)."""
+        return hash_dir(self.path)
+
+    def stored_fingerprint(self) -> str | None:
+        return read_stored_fingerprint(self.path)
+
+
+class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
     """A ``save_pretrained`` directory (model, tokenizer, peft adapter, ...).
 
-    ``save`` calls ``obj.save_pretrained`` into a temporary sibling directory and swaps it in, so an
-    interrupted save leaves the previous directory or none, never a half-written one. ``load`` calls
+    ``save`` takes an object with ``save_pretrained``, or ``Fingerprinted(obj, fp)`` to store the
+    fingerprint of its inputs with it, or ``CacheHit(fp)`` when the stored directory already has
+    that fingerprint (nothing is written). Writes go to a temporary sibling directory that is
+    swapped in, so an interrupted save leaves the previous directory or none, never a half-written
+    one. ``load`` returns a ``PretrainedHandle``: ``handle.load()`` calls
     ``<load_class>.from_pretrained(filepath, **load_args)``.
 
     Example::
@@ -66,15 +101,26 @@ class PretrainedDirDataset(AbstractDataset[Any, Any]):
         self._save_args = dict(save_args or {})  # transformers 5 always writes safetensors
         self.metadata = metadata
 
-    def load(self) -> Any:
-        cls = load_obj(self._load_class)
-        return cls.from_pretrained(str(self._path), **self._load_args)
+    def load(self) -> PretrainedHandle:
+        if not self._exists():
+            raise FileNotFoundError(f"{self._path}: no saved model here; run the stage that makes it")
+        return PretrainedHandle(self._path, self._load_class, self._load_args)
 
     def save(self, data: Any) -> None:
+        if isinstance(data, CacheHit):
+            stored = read_stored_fingerprint(self._path)
+            if stored != data.fingerprint:
+                raise ValueError(f"{self._path}: cache hit claimed for {data.fingerprint} but the "
+                                 f"stored fingerprint is {stored}")
+            return
+        fp = data.fingerprint if isinstance(data, Fingerprinted) else None
+        obj = data.value if isinstance(data, Fingerprinted) else data
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_name(f".{self._path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            data.save_pretrained(str(tmp), **self._save_args)
+            obj.save_pretrained(str(tmp), **self._save_args)
+            if fp is not None:
+                (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
             old = None
             if self._path.exists():
                 old = self._path.with_name(f".{self._path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -92,3 +138,82 @@ class PretrainedDirDataset(AbstractDataset[Any, Any]):
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._path), "load_class": self._load_class}
 
+
+class FingerprintedParquetDataset(AbstractDataset[Any, pd.DataFrame]):
+    """A Parquet table stored with the fingerprint of the inputs that produced it.
+
+    ``save`` takes ``Fingerprinted(df, fp)`` (the fingerprint goes into the file's metadata),
+    ``CacheHit(fp)`` (the stored file already matches: nothing is written) or a plain DataFrame.
+    The file is written to a temporary sibling and renamed over the old one (atomic on POSIX): an
+    interrupted write leaves the old table or none.
+    """
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._path = Path(filepath)
+        self.metadata = metadata
+
+    def load(self) -> pd.DataFrame:
+        return pd.read_parquet(self._path)
+
+    def save(self, data: Any) -> None:
+        if isinstance(data, CacheHit):
+            stored = read_stored_fingerprint(self._path)
+            if stored != data.fingerprint:
+                raise ValueError(f"{self._path}: cache hit claimed for {data.fingerprint} but the "
+                                 f"stored fingerprint is {stored}")
+            return
+        df = data.value if isinstance(data, Fingerprinted) else data
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        if isinstance(data, Fingerprinted):
+            meta = dict(table.schema.metadata or {})
+            meta[PARQUET_FINGERPRINT_KEY] = data.fingerprint.encode()
+            table = table.replace_schema_metadata(meta)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_name(f".{self._path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, self._path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _exists(self) -> bool:
+        return self._path.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._path)}
+
+
+def read_stored_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint stored with a model directory or a Parquet table, or None."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return json.loads((p / FINGERPRINT_FILE).read_text())["fingerprint"]
+        if p.is_file():
+            meta = pq.read_schema(p).metadata or {}
+            value = meta.get(PARQUET_FINGERPRINT_KEY)
+            return value.decode() if value else None
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        return None
+    return None
+
+
+class StoredFingerprintDataset(AbstractDataset[None, str | None]):
+    """Read-only: the fingerprint stored with a cache entry (model directory or Parquet file).
+
+    Loads None when nothing (valid) is stored, so a stage can compare it with the fingerprint of
+    its current inputs and skip work on a match.
+    """
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._path = Path(filepath)
+        self.metadata = metadata
+
+    def load(self) -> str | None:
+        return read_stored_fingerprint(self._path)
+
+    def save(self, data: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} is read-only")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._path)}

@@ -1,17 +1,25 @@
 """Project pipelines.
 
 Stages, in run order: ``data_processing`` -> ``reference`` -> ``reward_model`` -> ``dpo`` / ``rpo``
--> ``evaluation``. A stage appears here once its package exists under ``pipelines/``.
+-> ``evaluation``. Each stage's pipeline includes the stages it needs, so
+``kedro run --pipelines=<stage>`` works on a fresh clone; cached stages (SFT, reference log-probs)
+skip their work when their inputs are unchanged.
 """
 
 from __future__ import annotations
 
-from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
+
+from rpo_pipeline.pipelines import data_processing, reference
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Every pipeline under ``pipelines/`` by its folder name, and ``__default__`` = all of them."""
-    pipelines = find_pipelines(raise_errors=True)
-    pipelines["__default__"] = sum(pipelines.values())
+    """Every stage by name (with its upstream stages), and ``__default__`` = all of them."""
+    dp = data_processing.create_pipeline()
+    ref = reference.create_pipeline()
+    pipelines = {
+        "data_processing": dp,
+        "reference": dp + ref,
+    }
+    pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

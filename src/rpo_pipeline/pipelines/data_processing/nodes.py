@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from rpo_pipeline.base_model import make_base_model
+from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.preference_data import SPLITS, assign_splits, groups_to_pairs, ingest
 from rpo_pipeline.text_format import Template, format_groups, tokenize_examples
 from rpo_pipeline.tracking import MetricsPayload, scalars
@@ -57,17 +58,18 @@ def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: 
     return model, tokenizer
 
 
-def format_responses(groups: pd.DataFrame, tokenizer: Any, params: dict[str, Any]) -> pd.DataFrame:
+def format_responses(groups: pd.DataFrame, tokenizer: PretrainedHandle, params: dict[str, Any]
+                     ) -> pd.DataFrame:
     """Prompt and response text of every response, with the template or the chat template."""
     return format_groups(groups, template=params["template"],
-                         use_chat_template=params["use_chat_template"], tokenizer=tokenizer)
+                         use_chat_template=params["use_chat_template"], tokenizer=tokenizer.load())
 
 
-def tokenize_responses(examples: pd.DataFrame, tokenizer: Any, params: dict[str, Any]
+def tokenize_responses(examples: pd.DataFrame, tokenizer: PretrainedHandle, params: dict[str, Any]
                        ) -> pd.DataFrame:
     """Token ids with the response start index; prompts keep their end, responses their start."""
-    return tokenize_examples(examples, tokenizer, params["max_prompt_length"], params["max_length"],
-                             chat_template=params["use_chat_template"])
+    return tokenize_examples(examples, tokenizer.load(), params["max_prompt_length"],
+                             params["max_length"], chat_template=params["use_chat_template"])
 
 
 def summarize(groups: pd.DataFrame, pairs: pd.DataFrame, tokenized: pd.DataFrame

@@ -1,0 +1,90 @@
+"""Content fingerprints for the project's caches (SFT model, reference log-probs, reward model).
+
+A fingerprint is a BLAKE2b hex digest over a sequence of parts: mappings (canonical JSON), strings,
+numbers, DataFrames (their content, list columns included) and directories (file names + bytes).
+Equal inputs give equal fingerprints in any process; any change to any part changes it.
+
+Caches store the fingerprint next to what it describes; a stage recomputes only when the
+fingerprint of its inputs differs from the stored one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def hash_dir(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE,)) -> str:
+    """Digest of every file under ``path`` (relative names and bytes), in sorted order."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory to fingerprint")
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude):
+        h.update(str(f.relative_to(root)).encode() + b"\x00")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\x01")
+    return h.hexdigest()
+
+
+def hash_frame(df: pd.DataFrame) -> str:
+    """Digest of a table's columns, dtypes and values (list/array cells included), row order kept."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(len(df)).encode())
+    for col in df.columns:
+        h.update(f"\x00{col}:{df[col].dtype}\x00".encode())
+        values = df[col].tolist()
+        if values and isinstance(values[0], list | tuple | np.ndarray):
+            lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+            h.update(lengths.tobytes())
+            flat = np.concatenate([np.asarray(v) for v in values]) if len(values) else np.array([])
+            h.update(str(flat.dtype).encode() + np.ascontiguousarray(flat).tobytes())
+        else:
+            h.update(json.dumps(values, default=str).encode())
+    return h.hexdigest()
+
+
+def _part(h: Any, part: Any) -> None:
+    if isinstance(part, pd.DataFrame):
+        h.update(b"frame:" + hash_frame(part).encode())
+    elif isinstance(part, Path):
+        h.update(b"dir:" + hash_dir(part).encode())
+    elif isinstance(part, Mapping | list | tuple | str | int | float | bool) or part is None:
+        h.update(b"json:" + json.dumps(part, sort_keys=True, default=str).encode())
+    else:
+        raise TypeError(f"cannot fingerprint a {type(part).__name__}")
+    h.update(b"\x1e")
+
+
+def fingerprint(*parts: Any) -> str:
+    """Digest of all ``parts`` in order (see the module docstring for what a part can be)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        _part(h, p)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fingerprinted:
+    """A value to store together with the fingerprint of the inputs that produced it."""
+
+    value: Any
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    """The stored value already matches ``fingerprint``: saving it is a no-op."""
+
+    fingerprint: str

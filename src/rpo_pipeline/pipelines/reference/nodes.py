@@ -1,0 +1,106 @@
+"""reference nodes: SFT (cached by fingerprint) and the reference log-prob cache."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint
+from rpo_pipeline.losses import sft_nll
+from rpo_pipeline.reference import (
+    LOGPROB_VERSION,
+    reference_table,
+    score_responses,
+    select_examples,
+    sft_collate,
+)
+from rpo_pipeline.tracking import MetricsPayload, histories, scalars
+from rpo_pipeline.training import TrainConfig, evaluate, resolve_device, train
+
+log = logging.getLogger(__name__)
+SFT_VERSION = 1
+_KEYED = ["group_id", "response_index", "input_ids", "response_start"]
+
+
+def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
+              pairs: pd.DataFrame, stored_fingerprint: str | None, params: dict[str, Any]
+              ) -> tuple[Fingerprinted | CacheHit, MetricsPayload]:
+    """Fine-tune the base model on the training responses (loss on response tokens only).
+
+    Returns the stored model untouched when base model, tokenizer, training data and SFT parameters
+    are unchanged (``reference.sft_cache_hit``). ``sft.steps: 0`` keeps the base model as π_ref.
+    """
+    t0 = time.perf_counter()
+    sft = dict(params["sft"])
+    responses = sft.pop("responses")
+    device = resolve_device(params["device"])
+    train_rows = select_examples(tokenized, pairs, ["train"], responses)
+    fp = fingerprint("sft", SFT_VERSION, Path(base_model.path), Path(tokenizer.path),
+                     train_rows[_KEYED], params["sft"], device.type)
+    if fp == stored_fingerprint:
+        seconds = time.perf_counter() - t0
+        log.info("SFT cache hit (%s): reusing the stored model, %.3f s", fp[:12], seconds)
+        return CacheHit(fp), scalars({"sft_cache_hit": 1, "sft_seconds": seconds})
+
+    model = base_model.load()
+    metrics: dict[str, float] = {"sft_cache_hit": 0}
+    payload: MetricsPayload = {}
+    if sft["steps"] > 0:
+        cfg = TrainConfig.from_params(sft, device=params["device"])
+        collate = sft_collate(tokenizer.load().pad_token_id)
+        items = list(zip(train_rows["input_ids"], train_rows["response_start"], strict=True))
+        result = train(model, items, train_rows["length"].tolist(), collate, sft_nll, cfg, desc="sft")
+        payload = histories({"sft_loss": result.history["loss"]}, result.log_steps)
+        val_rows = select_examples(tokenized, pairs, ["val"], responses)
+        val_items = list(zip(val_rows["input_ids"], val_rows["response_start"], strict=True))
+        val = evaluate(model, val_items, val_rows["length"].tolist(), collate, sft_nll,
+                       batch_size=2 * cfg.batch_size, device=params["device"])
+        metrics |= {"sft_val_loss": val["loss"], "sft_train_loss": result.history["loss"][-1],
+                    "sft_sequences_per_second": result.items_per_second}
+        log.info("SFT: %d steps in %.1f s (%.0f seq/s), train loss %.3f, val loss %.3f",
+                 cfg.steps, result.seconds, result.items_per_second,
+                 result.history["loss"][-1], val["loss"])
+    model.cpu()
+    metrics["sft_seconds"] = time.perf_counter() - t0
+    return Fingerprinted(model, fp), payload | scalars(metrics)
+
+
+def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
+                          tokenized: pd.DataFrame, stored_fingerprint: str | None,
+                          data_params: dict[str, Any], params: dict[str, Any]
+                          ) -> tuple[Fingerprinted | CacheHit, MetricsPayload]:
+    """Summed reference log-prob and token count of every train/val response, cached.
+
+    The fingerprint covers the reference weights, the tokenizer, the template, the length limits
+    and the tokenized data; on a match the stored table is kept and the model is never loaded.
+    """
+    t0 = time.perf_counter()
+    rows = tokenized[tokenized["split"].isin(["train", "val"])].reset_index(drop=True)
+    formatting = {k: data_params[k] for k in
+                  ("template", "use_chat_template", "max_prompt_length", "max_length")}
+    device = resolve_device(params["device"])
+    fp = fingerprint("reference_logprobs", LOGPROB_VERSION, sft_model.content_hash(),
+                     Path(tokenizer.path), formatting, rows[_KEYED], device.type, "float32")
+    if fp == stored_fingerprint:
+        seconds = time.perf_counter() - t0
+        log.info("reference log-prob cache hit (%s): %.3f s", fp[:12], seconds)
+        return CacheHit(fp), scalars({"cache_hit": 1, "cache_seconds": seconds})
+
+    model = sft_model.load()
+    t1 = time.perf_counter()
+    logp, n = score_responses(model, rows["input_ids"].tolist(), rows["response_start"].tolist(),
+                              tokenizer.load().pad_token_id, params["logprobs"]["batch_size"],
+                              device=params["device"])
+    compute = time.perf_counter() - t1
+    table = reference_table(rows, logp, n)
+    seconds = time.perf_counter() - t0
+    log.info("reference log-probs: %d sequences in %.1f s (%.0f seq/s)", len(rows), compute,
+             len(rows) / compute)
+    return Fingerprinted(table, fp), scalars({
+        "cache_hit": 0, "cache_seconds": seconds, "cache_sequences": len(rows),
+        "cache_sequences_per_second": len(rows) / compute})

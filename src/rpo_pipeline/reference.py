@@ -1,0 +1,72 @@
+"""π_ref: choose SFT examples, and score responses under a frozen model (the log-prob cache).
+
+Kedro-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from rpo_pipeline.batching import collate, length_bucketed_batches, response_logprobs
+from rpo_pipeline.training import resolve_device, to_device
+
+# Bump when the log-prob computation changes meaning; it is part of the cache fingerprint.
+LOGPROB_VERSION = 1
+KEY = ["group_id", "response_index"]
+
+
+def select_examples(tokenized: pd.DataFrame, pairs: pd.DataFrame, splits: Sequence[str],
+                    responses: str = "all") -> pd.DataFrame:
+    """Examples of ``splits``: every response (``all``) or only each pair's chosen one."""
+    rows = tokenized[tokenized["split"].isin(list(splits))]
+    if responses == "all":
+        return rows.reset_index(drop=True)
+    if responses == "chosen":
+        chosen = pairs[["group_id", "chosen_index"]].rename(columns={"chosen_index": "response_index"})
+        return rows.merge(chosen, on=KEY, how="inner").reset_index(drop=True)
+    raise ValueError(f"reference.sft.responses must be 'all' or 'chosen', got {responses!r}")
+
+
+def sft_collate(pad_id: int):
+    """Collate (input_ids, response_start) items, right-padded."""
+    def fn(items: list[tuple[Sequence[int], int]]) -> dict[str, torch.Tensor]:
+        return collate([i[0] for i in items], [i[1] for i in items], pad_id)
+    return fn
+
+
+@torch.inference_mode()
+def score_responses(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
+                    response_starts: Sequence[int], pad_id: int, batch_size: int = 64,
+                    device: str = "auto", padding_side: str = "right", progress: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Summed response log-prob and response token count of every sequence, in input order.
+
+    Batches are sorted by length (least padding); float32 on the given device.
+    """
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    lengths = [len(x) for x in input_ids]
+    logp = np.zeros(len(input_ids), dtype=np.float64)
+    count = np.zeros(len(input_ids), dtype=np.int64)
+    batches = length_bucketed_batches(lengths, batch_size, seed=0, shuffle=False)
+    for idx in tqdm(batches, desc="reference log-probs", disable=not progress, dynamic_ncols=True):
+        batch = collate([input_ids[i] for i in idx], [response_starts[i] for i in idx], pad_id,
+                        padding_side)
+        s, n, _ = response_logprobs(model, to_device(batch, dev))
+        logp[idx] = s.cpu().numpy()
+        count[idx] = n.cpu().numpy()
+    return logp, count
+
+
+def reference_table(examples: pd.DataFrame, logp: np.ndarray, n_tokens: np.ndarray) -> pd.DataFrame:
+    """The cache table: one row per (group_id, response_index)."""
+    out = examples[["group_id", "response_index", "split"]].copy()
+    out["ref_logp"] = logp
+    out["ref_tokens"] = n_tokens
+    return out.sort_values(KEY, kind="stable").reset_index(drop=True)
+

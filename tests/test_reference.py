@@ -1,0 +1,179 @@
+"""SFT learns; reference log-probs are exact under any padding; the stages hit their caches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import DEFAULT_DATA
+
+from rpo_pipeline.base_model import BUILTIN_TINY_GPT2, make_base_model
+from rpo_pipeline.batching import collate, response_logprobs
+from rpo_pipeline.datasets import FingerprintedParquetDataset, PretrainedDirDataset
+from rpo_pipeline.fingerprint import CacheHit, Fingerprinted
+from rpo_pipeline.losses import sft_nll
+from rpo_pipeline.pipelines.reference.nodes import build_reference_cache, train_sft
+from rpo_pipeline.preference_data import assign_splits, groups_to_pairs, ingest, read_preference_files
+from rpo_pipeline.reference import score_responses, select_examples, sft_collate
+from rpo_pipeline.text_format import format_groups, tokenize_examples
+from rpo_pipeline.training import TrainConfig, evaluate, train
+
+TINY = {"name_or_path": BUILTIN_TINY_GPT2, "seed": 0, "tokenizer": {"vocab_size": 1024},
+        "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}
+DATA_PARAMS = {"template": "prompt : {prompt} [SEP] response : {response}",
+               "use_chat_template": False, "max_prompt_length": 48, "max_length": 96}
+
+
+@pytest.fixture(scope="module")
+def data():
+    """A 300-prompt slice of the default data, tokenized, with a tiny model saved to disk."""
+    groups = ingest(read_preference_files(str(DEFAULT_DATA))).groups.head(300)
+    groups = assign_splits(groups, {"train": 0.8, "val": 0.2}, 0)
+    pairs = groups_to_pairs(groups)
+    texts = [t for r in groups.itertuples() for t in [r.prompt, *r.responses]]
+    model, tok = make_base_model(TINY, ["prompt : [SEP] response :"] * 20 + texts)
+    tokenized = tokenize_examples(format_groups(groups), tok, 48, 96)
+    return {"groups": groups, "pairs": pairs, "model": model, "tok": tok, "tokenized": tokenized}
+
+
+@pytest.fixture
+def saved(tmp_path, data):
+    base = PretrainedDirDataset(str(tmp_path / "base_model"))
+    tok = PretrainedDirDataset(str(tmp_path / "tokenizer"), load_class="transformers.AutoTokenizer")
+    base.save(data["model"])
+    tok.save(data["tok"])
+    return base.load(), tok.load(), tmp_path
+
+
+def _items(rows):
+    return list(zip(rows["input_ids"], rows["response_start"], strict=True))
+
+
+def test_sft_learns_on_held_out_data(data):
+    import copy
+
+    model = copy.deepcopy(data["model"])
+    tr = select_examples(data["tokenized"], data["pairs"], ["train"])
+    va = select_examples(data["tokenized"], data["pairs"], ["val"])
+    col = sft_collate(data["tok"].pad_token_id)
+    before = evaluate(model, _items(va), va["length"].tolist(), col, sft_nll, 64)["loss"]
+    res = train(model, _items(tr), tr["length"].tolist(), col, sft_nll,
+                TrainConfig(steps=40, lr=3e-3, batch_size=16, warmup_steps=5, progress=False,
+                            log_every=10))
+    after = evaluate(model, _items(va), va["length"].tolist(), col, sft_nll, 64)["loss"]
+    assert res.history["loss"][-1] < res.history["loss"][0]
+    assert after < before - 1.0, (before, after)
+
+
+def test_select_chosen_only(data):
+    chosen = select_examples(data["tokenized"], data["pairs"], ["train"], "chosen")
+    assert len(chosen) == (data["pairs"]["split"] == "train").sum()
+    merged = chosen.merge(data["pairs"], on="group_id")
+    assert (merged["response_index"] == merged["chosen_index"]).all()
+    with pytest.raises(ValueError, match="'all' or 'chosen'"):
+        select_examples(data["tokenized"], data["pairs"], ["train"], "best")
+
+
+def _manual_logp(model, ids, start):
+    """Unpadded single forward, full log-softmax, explicit sum over response tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(ids)])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))), len(ids) - start
+
+
+def test_cached_logprobs_equal_fresh_with_any_padding(data):
+    model = data["model"].eval()
+    rows = data["tokenized"].head(40)
+    ids, starts = rows["input_ids"].tolist(), rows["response_start"].tolist()
+    pad = data["tok"].pad_token_id
+    cached, n_cached = score_responses(model, ids, starts, pad, batch_size=16, progress=False)
+    left, _ = score_responses(model, ids, starts, pad, batch_size=16, padding_side="left",
+                              progress=False)
+    single, _ = score_responses(model, ids, starts, pad, batch_size=1, progress=False)
+    np.testing.assert_allclose(cached, left, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cached, single, rtol=0, atol=1e-5)
+    for i in range(0, 40, 7):
+        manual, n = _manual_logp(model, list(ids[i]), starts[i])
+        assert abs(cached[i] - manual) < 1e-4 and n_cached[i] == n
+
+
+def test_prompt_response_boundary_token_is_scored(data):
+    """The first response token (predicted from the last prompt token) counts; the prompt does not."""
+    model = data["model"].eval()
+    ids, start = list(data["tokenized"].iloc[0]["input_ids"]), int(data["tokenized"].iloc[0]["response_start"])
+    batch = collate([ids], [start], data["tok"].pad_token_id)
+    with torch.no_grad():
+        total, n, per_token = response_logprobs(model, batch)
+    first = per_token[0, start - 1].item()  # log p(ids[start] | ids[:start])
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids[:start]])).logits[0, -1].double(), -1)
+    assert first == pytest.approx(expected[ids[start]].item(), abs=1e-5)
+    assert first != 0.0 and per_token[0, : start - 1].abs().sum() == 0
+    assert int(n) == len(ids) - start
+
+
+def test_sft_and_cache_nodes_hit_when_inputs_are_unchanged(data, saved):
+    base, tok, root = saved
+    params = {"device": "cpu", "logprobs": {"batch_size": 32},
+              "sft": {"responses": "all", "steps": 3, "batch_size": 8, "lr": 1e-3,
+                      "progress": False}}
+    sft_ds = PretrainedDirDataset(str(root / "sft_model"))
+    cache_ds = FingerprintedParquetDataset(str(root / "ref.parquet"))
+    tokenized, pairs = data["tokenized"], data["pairs"]
+
+    def run(p, dp=DATA_PARAMS):
+        out, m1 = train_sft(base, tok, tokenized, pairs, sft_ds.load().stored_fingerprint()
+                            if sft_ds.exists() else None, p)
+        sft_ds.save(out)
+        stored = None
+        if cache_ds.exists():
+            from rpo_pipeline.datasets import read_stored_fingerprint
+            stored = read_stored_fingerprint(root / "ref.parquet")
+        out2, m2 = build_reference_cache(sft_ds.load(), tok, tokenized, stored, dp, p)
+        cache_ds.save(out2)
+        return out, out2, {**m1, **m2}
+
+    a, b, m = run(params)
+    assert isinstance(a, Fingerprinted) and isinstance(b, Fingerprinted)
+    assert m["sft_cache_hit"][0]["value"] == 0 and m["cache_hit"][0]["value"] == 0
+    table = cache_ds.load()
+    assert len(table) == tokenized["split"].isin(["train", "val"]).sum()
+    assert table[["group_id", "response_index"]].duplicated().sum() == 0
+    assert (table["ref_logp"] < 0).all() and (table["ref_tokens"] > 0).all()
+
+    a, b, m = run(params)  # nothing changed
+    assert isinstance(a, CacheHit) and isinstance(b, CacheHit)
+    assert m["sft_cache_hit"][0]["value"] == 1 and m["cache_hit"][0]["value"] == 1
+
+    a, b, m = run(params, {**DATA_PARAMS, "max_length": 97})  # formatting changed: cache only
+    assert isinstance(a, CacheHit) and isinstance(b, Fingerprinted)
+
+    changed = {**params, "sft": {**params["sft"], "lr": 2e-3}}  # SFT changed: both
+    a, b, m = run(changed, {**DATA_PARAMS, "max_length": 97})
+    assert isinstance(a, Fingerprinted) and isinstance(b, Fingerprinted)
+
+
+def test_sft_steps_zero_keeps_the_base_model(data, saved):
+    base, tok, _ = saved
+    params = {"device": "cpu", "sft": {"responses": "all", "steps": 0, "batch_size": 8,
+                                       "lr": 1e-3}}
+    out, m = train_sft(base, tok, data["tokenized"], data["pairs"], None, params)
+    ref = out.value
+    for (n1, p1), (_, p2) in zip(ref.named_parameters(), data["model"].named_parameters(), strict=True):
+        assert torch.equal(p1, p2), n1
+    assert "sft_loss" not in m
+
+
+def test_unknown_training_parameter_fails_with_valid_names():
+    with pytest.raises(ValueError, match=r"unknown training parameters \['learning_rate'\]; valid:"):
+        TrainConfig.from_params({"steps": 1, "lr": 1.0, "learning_rate": 2})
+
+
+def test_cache_table_has_no_test_split(data, saved):
+    base, tok, _ = saved
+    out, _ = build_reference_cache(base, tok, data["tokenized"], None, DATA_PARAMS,
+                                   {"device": "cpu", "logprobs": {"batch_size": 64}})
+    assert set(out.value["split"]) == {"train", "val"}
+    assert isinstance(out.value, pd.DataFrame)
