@@ -138,3 +138,12 @@ def test_model_dir_stores_fingerprint_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sft"]
     shutil.rmtree(tmp_path / "sft")
     assert StoredFingerprintDataset(str(tmp_path / "sft")).load() is None
+
+
+def test_cosmetic_parameters_do_not_change_fingerprints():
+    from rpo_pipeline.fingerprint import result_params
+
+    a = {"lr": 1e-3, "progress": True, "log_every": 10, "nested": {"progress": False, "x": 1}}
+    b = {"lr": 1e-3, "progress": False, "log_every": 50, "nested": {"x": 1}}
+    assert fingerprint(result_params(a)) == fingerprint(result_params(b))
+    assert fingerprint(result_params(a)) != fingerprint(result_params({**b, "lr": 2e-3}))

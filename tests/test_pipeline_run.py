@@ -94,3 +94,25 @@ def test_reference_twice_hits_both_caches(project_copy):
               runtime_params={**TINY_RUN, "data_processing.max_length": 120})
     third = _reference_metrics(project_copy)
     assert third["sft_cache_hit"] == 1 and third["cache_hit"] == 0  # only the cache recomputes
+
+
+def test_reward_model_pipeline_trains_scores_and_hits(project_copy):
+    """`kedro run --pipelines=reward_model` (tiny sizes): metrics, 4-bit footprint, cache hit."""
+    params = {**TINY_RUN, "reward_model.train.steps": 3, "reward_model.train.progress": False,
+              "reward_model.device": "cpu"}
+    run_kedro(project_copy, ["reward_model"], runtime_params=params)
+    run = mlflow_runs(project_copy)[0]
+    m = {k.removeprefix("reward_model."): v for k, v in run.data.metrics.items()
+         if k.startswith("reward_model.")}
+    assert run.info.run_name == "reward_model"
+    assert {"loss", "accuracy", "margin", "val_accuracy", "test_accuracy"} <= set(m)
+    assert 0 < m["weight_bytes"] < m["weight_bytes_full_precision"]
+    scores = pd.read_parquet(project_copy / "data/07_model_output/reward_scores.parquet")
+    assert set(scores["split"]) == {"train", "val"} and scores["reward"].notna().all()
+    stats = __import__("json").loads((project_copy / "data/07_model_output/reward_stats.json").read_text())
+    assert stats["count"] == (scores["split"] == "train").sum() and stats["std"] > 0
+
+    run_kedro(project_copy, ["reward_model"], runtime_params=params)
+    again = {k: v for k, v in mlflow_runs(project_copy)[0].data.metrics.items()}
+    assert again["reward_model.cache_hit"] == 1 and again["reward_model.score_cache_hit"] == 1
+    assert again["reference.sft_cache_hit"] == 1

@@ -75,6 +75,16 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()
 
 
+# Parameters that change how a run reports, not what it computes.
+COSMETIC_KEYS = frozenset({"progress", "log_every"})
+
+
+def result_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` without cosmetic keys (at any depth), for fingerprints."""
+    return {k: result_params(v) if isinstance(v, Mapping) else v
+            for k, v in params.items() if k not in COSMETIC_KEYS}
+
+
 @dataclass(frozen=True)
 class Fingerprinted:
     """A value to store together with the fingerprint of the inputs that produced it."""

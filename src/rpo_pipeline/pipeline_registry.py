@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from rpo_pipeline.pipelines import data_processing, reference
+from rpo_pipeline.pipelines import data_processing, reference, reward_model
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     """Every stage by name (with its upstream stages), and ``__default__`` = all of them."""
     dp = data_processing.create_pipeline()
     ref = reference.create_pipeline()
+    rm = reward_model.create_pipeline()
     pipelines = {
         "data_processing": dp,
         "reference": dp + ref,
+        "reward_model": dp + ref + rm,  # the reward model starts from the SFT model
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from rpo_pipeline.datasets import PretrainedHandle
-from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint
+from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
 from rpo_pipeline.losses import sft_nll
 from rpo_pipeline.reference import (
     LOGPROB_VERSION,
@@ -41,7 +41,7 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     device = resolve_device(params["device"])
     train_rows = select_examples(tokenized, pairs, ["train"], responses)
     fp = fingerprint("sft", SFT_VERSION, Path(base_model.path), Path(tokenizer.path),
-                     train_rows[_KEYED], params["sft"], device.type)
+                     train_rows[_KEYED], result_params(params["sft"]), device.type)
     if fp == stored_fingerprint:
         seconds = time.perf_counter() - t0
         log.info("SFT cache hit (%s): reusing the stored model, %.3f s", fp[:12], seconds)

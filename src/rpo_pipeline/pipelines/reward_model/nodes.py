@@ -1,0 +1,136 @@
+"""reward_model nodes: train (cached by fingerprint) and score every train/val response."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
+from rpo_pipeline.losses import reward_pair_loss
+from rpo_pipeline.reward_model import (
+    RewardModel,
+    RewardModelConfig,
+    load_backbone,
+    pair_collate,
+    score,
+    weight_bytes,
+)
+from rpo_pipeline.tracking import MetricsPayload, histories, scalars
+from rpo_pipeline.training import TrainConfig, evaluate, train
+
+log = logging.getLogger(__name__)
+RM_VERSION = 1
+
+
+def _backbone_path(choice: str, sft: PretrainedHandle, base: PretrainedHandle) -> str:
+    return {"sft": str(sft.path), "base": str(base.path)}.get(choice, choice)
+
+
+def pair_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
+               margin_column: str | None = None) -> tuple[list[tuple], list[int], pd.DataFrame]:
+    """(chosen_ids, rejected_ids, margin) per pair of ``split``, their lengths, and the rows."""
+    ids = tokenized[["group_id", "response_index", "input_ids"]]
+    p = pairs[pairs["split"] == split]
+    p = p.merge(ids.rename(columns={"response_index": "chosen_index", "input_ids": "chosen_ids"}),
+                on=["group_id", "chosen_index"])
+    p = p.merge(ids.rename(columns={"response_index": "rejected_index",
+                                    "input_ids": "rejected_ids"}),
+                on=["group_id", "rejected_index"]).reset_index(drop=True)
+    if margin_column is None:
+        margins = np.zeros(len(p))
+    elif margin_column == "score_difference":
+        margins = (p["score_chosen"] - p["score_rejected"]).to_numpy(dtype=float)
+    else:
+        margins = p[margin_column].to_numpy(dtype=float)
+    items = list(zip(p["chosen_ids"], p["rejected_ids"], margins, strict=True))
+    lengths = [max(len(c), len(r)) for c, r, _ in items]
+    return items, lengths, p
+
+
+def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle,
+                       tokenizer: PretrainedHandle, tokenized: pd.DataFrame, pairs: pd.DataFrame,
+                       stored_fingerprint: str | None, params: dict[str, Any]
+                       ) -> tuple[Fingerprinted | CacheHit, MetricsPayload]:
+    """Bradley–Terry training of LoRA + head on the 4-bit backbone; val/test pair accuracy."""
+    t0 = time.perf_counter()
+    backbone = _backbone_path(params["backbone"], sft_model, base_model)
+    items, lengths, _ = pair_items(tokenized, pairs, "train", params.get("margin_column"))
+    fp = fingerprint("reward_model", RM_VERSION, Path(backbone), Path(tokenizer.path),
+                     pd.DataFrame({"c": [i[0] for i in items], "r": [i[1] for i in items],
+                                   "m": [i[2] for i in items]}),
+                     result_params({k: v for k, v in params.items() if k != "score"}))
+    if fp == stored_fingerprint:
+        seconds = time.perf_counter() - t0
+        log.info("reward model cache hit (%s): %.3f s", fp[:12], seconds)
+        return CacheHit(fp), scalars({"cache_hit": 1, "seconds": seconds})
+
+    lora = params["lora"]
+    config = RewardModelConfig(backbone_path=backbone, load_in_4bit=params["load_in_4bit"],
+                               compute_dtype=params["compute_dtype"],
+                               head_input=params["head_input"], lora_r=lora["r"],
+                               lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                               target_modules=list(lora["target_modules"]))
+    cfg = TrainConfig.from_params(params["train"], device=params["device"])
+    model = RewardModel.for_training(config, seed=cfg.seed)
+    collate = pair_collate(tokenizer.load().pad_token_id)
+    loss_fn = reward_pair_loss(params["center_coef"])
+    result = train(model, items, lengths, collate, loss_fn, cfg, desc="reward_model")
+
+    metrics: dict[str, float] = {"cache_hit": 0, "pairs_per_second": result.items_per_second}
+    for split in ("val", "test"):  # training is over: evaluating may repack the 4-bit weights
+        s_items, s_lengths, _ = pair_items(tokenized, pairs, split, params.get("margin_column"))
+        if s_items:
+            ev = evaluate(model, s_items, s_lengths, collate, loss_fn, 2 * cfg.batch_size,
+                          params["device"])
+            metrics[f"{split}_accuracy"], metrics[f"{split}_loss"] = ev["accuracy"], ev["loss"]
+    head = weight_bytes(model.head)
+    metrics["weight_bytes"] = load_backbone(backbone, config.load_in_4bit,
+                                            config.compute_dtype).get_memory_footprint() + head
+    metrics["weight_bytes_full_precision"] = load_backbone(
+        backbone, load_in_4bit=False).get_memory_footprint() + head
+    metrics["seconds"] = time.perf_counter() - t0
+    log.info("reward model: %d steps in %.1f s, val accuracy %.3f, test accuracy %.3f, "
+             "weights %.2f MB (%.2f of full precision)", cfg.steps, result.seconds,
+             metrics.get("val_accuracy", float("nan")), metrics.get("test_accuracy", float("nan")),
+             metrics["weight_bytes"] / 1e6,
+             metrics["weight_bytes"] / metrics["weight_bytes_full_precision"])
+    hist = histories({k: result.history[k] for k in ("loss", "accuracy", "margin")},
+                     result.log_steps)
+    return Fingerprinted(model, fp), hist | scalars(metrics)
+
+
+def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer: PretrainedHandle,
+                                      tokenized: pd.DataFrame, stored_fingerprint: str | None,
+                                      params: dict[str, Any]
+                                      ) -> tuple[Fingerprinted | CacheHit, MetricsPayload]:
+    """Reward of every train/val response (a fresh 4-bit copy, no grad), cached by fingerprint."""
+    t0 = time.perf_counter()
+    rows = tokenized[tokenized["split"].isin(["train", "val"])].reset_index(drop=True)
+    fp = fingerprint("reward_scores", RM_VERSION, reward_model.content_hash(),
+                     rows[["group_id", "response_index", "input_ids"]])
+    if fp == stored_fingerprint:
+        seconds = time.perf_counter() - t0
+        log.info("reward score cache hit (%s): %.3f s", fp[:12], seconds)
+        return CacheHit(fp), scalars({"score_cache_hit": 1, "score_seconds": seconds})
+    model = reward_model.load()
+    rewards = score(model, rows["input_ids"].tolist(), tokenizer.load().pad_token_id,
+                    params["score"]["batch_size"])
+    table = rows[["group_id", "response_index", "split"]].assign(reward=rewards)
+    seconds = time.perf_counter() - t0
+    log.info("reward scores: %d responses in %.1f s", len(table), seconds)
+    return Fingerprinted(table, fp), scalars({"score_cache_hit": 0, "score_seconds": seconds,
+                                              "scores_per_second": len(table) / seconds})
+
+
+def reward_normalization(scores: pd.DataFrame) -> tuple[dict[str, float], MetricsPayload]:
+    """Mean and standard deviation of the rewards of the train split (for z-scoring in RPO)."""
+    train_r = scores.loc[scores["split"] == "train", "reward"]
+    stats = {"mean": float(train_r.mean()), "std": float(train_r.std(ddof=0)),
+             "count": int(len(train_r))}
+    return stats, scalars({"reward_train_mean": stats["mean"], "reward_train_std": stats["std"]})

@@ -1,0 +1,33 @@
+"""reward_model pipeline wiring."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import reward_normalization, score_responses_with_reward_model, train_reward_model
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                train_reward_model,
+                inputs=["sft_model", "base_model", "tokenizer", "tokenized_examples",
+                        "preference_pairs", "reward_model_stored_fingerprint",
+                        "params:reward_model"],
+                outputs=["reward_model", "reward_model_train_metrics"],
+                name="train_reward_model",
+            ),
+            Node(
+                score_responses_with_reward_model,
+                inputs=["reward_model", "tokenizer", "tokenized_examples",
+                        "reward_scores_stored_fingerprint", "params:reward_model"],
+                outputs=["reward_scores", "reward_model_score_metrics"],
+                name="score_responses_with_reward_model",
+            ),
+            Node(
+                reward_normalization,
+                inputs="reward_scores",
+                outputs=["reward_stats", "reward_model_stats_metrics"],
+                name="reward_normalization",
+            ),
+        ]
+    )
