@@ -6,6 +6,7 @@ Kedro-free. Batches come from ``batching.collate``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rpo_pipeline.batching import response_logprobs
 
@@ -30,7 +31,7 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     m is an optional per-pair margin; the second term (reward centering, c = ``center_coef``)
     keeps rewards near zero mean.
     """
-    loss = -torch.nn.functional.logsigmoid(r_chosen - r_rejected - margin).mean()
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss
@@ -45,4 +46,66 @@ def reward_pair_loss(center_coef: float = 0.0):
         loss = bradley_terry(r_c, r_r, batch["margin"], center_coef)
         diff = (r_c - r_r).detach()
         return loss, {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean())}
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference losses (DPO family). Δ = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
+# --------------------------------------------------------------------------------------------------
+def dpo_sigmoid(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (and cDPO with label smoothing ε), per pair.
+
+    L = −(1−ε) log σ(βΔ) − ε log σ(−βΔ)
+    """
+    return (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
+            - label_smoothing * F.logsigmoid(-beta * delta))
+
+
+def ipo(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """IPO, per pair: L = (Δ − 1/(2β))², with Δ from log-probs averaged per response token."""
+    return (delta - 1 / (2 * beta)) ** 2
+
+
+def hinge(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Hinge (SLiC), per pair: L = max(0, 1 − βΔ)."""
+    return torch.relu(1 - beta * delta)
+
+
+PAIR_LOSSES = {"sigmoid": dpo_sigmoid, "ipo": ipo, "hinge": hinge}
+AVERAGED_LOGPS = {"ipo"}  # losses defined on per-token averaged log-probs
+
+
+def preference_loss(name: str, beta: float, label_smoothing: float = 0.0, sft_weight: float = 0.0):
+    """loss_fn for ``training.train`` over batches of ``policy.policy_collate``.
+
+    One forward scores chosen and rejected (chosen rows first); reference log-probs come with the
+    batch (from the cache). Adds ``sft_weight`` × the NLL of the chosen responses when non-zero.
+    Metrics use TRL's names: rewards/chosen = β·(log π − log π_ref) of the chosen responses, etc.
+    """
+    if name not in PAIR_LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid: {sorted(PAIR_LOSSES)}")
+    pair_loss = PAIR_LOSSES[name]
+
+    def fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logp, n_tokens, _ = response_logprobs(model, batch)
+        ref = batch["ref_logps"].to(logp.dtype)
+        b = logp.shape[0] // 2
+        if name in AVERAGED_LOGPS:
+            scale = n_tokens.clamp(min=1).to(logp.dtype)
+            ratio = logp / scale - ref / scale
+        else:
+            ratio = logp - ref
+        delta = ratio[:b] - ratio[b:]
+        loss = pair_loss(delta, beta, label_smoothing).mean()
+        if sft_weight:
+            loss = loss + sft_weight * (-logp[:b].sum() / n_tokens[:b].sum().clamp(min=1))
+        rewards = beta * (logp - ref).detach()
+        r_c, r_r = rewards[:b], rewards[b:]
+        return loss, {
+            "rewards/chosen": float(r_c.mean()), "rewards/rejected": float(r_r.mean()),
+            "rewards/accuracies": float((r_c > r_r).float().mean()),
+            "rewards/margins": float((r_c - r_r).mean()),
+            "logps/chosen": float(logp[:b].detach().mean()),
+            "logps/rejected": float(logp[b:].detach().mean()),
+        }
     return fn
