@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 from kedro.io import AbstractDataset
 from kedro.utils import load_obj
 
+from rpo_pipeline.atomic import atomic_dir
 from rpo_pipeline.fingerprint import FINGERPRINT_FILE, CacheHit, Fingerprinted, hash_dir
 from rpo_pipeline.preference_data import read_preference_files
 
@@ -115,22 +115,10 @@ class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
             return
         fp = data.fingerprint if isinstance(data, Fingerprinted) else None
         obj = data.value if isinstance(data, Fingerprinted) else data
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(f".{self._path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_dir(self._path) as tmp:
             obj.save_pretrained(str(tmp), **self._save_args)
             if fp is not None:
                 (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
-            old = None
-            if self._path.exists():
-                old = self._path.with_name(f".{self._path.name}.old-{uuid.uuid4().hex[:8]}")
-                self._path.rename(old)
-            tmp.rename(self._path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def _exists(self) -> bool:
         return self._path.is_dir() and any(self._path.iterdir())

@@ -2,22 +2,27 @@
 
 Kedro-free. ``train`` takes a model, a list of items, a ``collate`` that turns items into a batch
 dict and a ``loss_fn(model, batch) -> (loss, metrics)``; it runs AdamW with warmup + decay,
-gradient accumulation and clipping over length-bucketed batches, seeded, with a progress bar.
+gradient accumulation and clipping over length-bucketed batches, seeded, with a progress bar,
+optional bf16 autocast, periodic evaluation, and atomic checkpoints it can resume from exactly
+(weights, optimizer, scheduler, RNG and position in the data order).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from rpo_pipeline.atomic import atomic_dir
 from rpo_pipeline.batching import iterate_batches, length_bucketed_batches
 
 Batch = dict[str, torch.Tensor]
@@ -38,6 +43,11 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
+    bf16: bool = False  # bfloat16 autocast, where the device supports it (CUDA with bf16)
+    eval_every: int = 0  # run eval_fn every N steps (and at the end); 0: only at the end
+    checkpoint_every: int = 0  # 0: no checkpoints
+    checkpoint_dir: str | None = None
+    resume: bool = False  # continue from checkpoint_dir/last if it exists
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> TrainConfig:
@@ -77,56 +87,122 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+CHECKPOINT_STATE = "trainer_state.pt"
+
+
+def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, scheduler, step: int,
+                    result: TrainResult) -> None:
+    """Atomically write ``directory/last``: weights (save_pretrained) + optimizer, scheduler, RNG."""
+    with atomic_dir(Path(directory) / "last") as tmp:
+        model.save_pretrained(str(tmp))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "history": result.history, "log_steps": result.log_steps},
+                   tmp / CHECKPOINT_STATE)
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+
+
+def load_checkpoint_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load save_pretrained weights into ``model`` in place (a peft adapter or a full model)."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+        return
+    missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")),
+                                                strict=False)
+    model.tie_weights()
+    tied = {k for k in missing if "lm_head" in k or k.endswith("wte.weight")}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{directory}: checkpoint does not match the model (missing "
+                         f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+
+
 def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
           collate: Callable[[list[Any]], Batch], loss_fn: LossFn, cfg: TrainConfig,
-          desc: str = "train") -> TrainResult:
-    """Train ``model`` in place for ``cfg.steps`` optimizer steps; return the logged history."""
+          desc: str = "train", eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None
+          ) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` optimizer steps; return the logged history.
+
+    ``eval_fn(model) -> metrics`` runs every ``cfg.eval_every`` steps and at the end; its metrics
+    are logged with an ``eval_`` prefix. A non-finite loss stops training before the optimizer
+    step, so the last checkpoint stays the last good state.
+    """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
+    result, start = TrainResult(), 0
+    last = Path(cfg.checkpoint_dir) / "last" if cfg.checkpoint_dir else None
+    if cfg.resume and last is not None and (last / CHECKPOINT_STATE).exists():
+        state = torch.load(last / CHECKPOINT_STATE, weights_only=False)
+        load_checkpoint_weights(model, last)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start, result.history, result.log_steps = state["step"], state["history"], state["log_steps"]
     batches = iterate_batches(len(items), lengths, cfg.batch_size, cfg.seed)
-    result = TrainResult()
+    for _ in range(start * cfg.grad_accum):  # same data order as an uninterrupted run
+        next(batches)
+    autocast = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     window: dict[str, float] = defaultdict(float)
     window_steps, seen, t0 = 0, 0, time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress,
+               dynamic_ncols=True)
 
-    for step in range(1, cfg.steps + 1):
+    for step in range(start + 1, cfg.steps + 1):
         # forward/backward over grad_accum micro-batches
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, float] = defaultdict(float)
         for _ in range(cfg.grad_accum):
             _, idx = next(batches)
             batch = to_device(collate([items[i] for i in idx]), device)
-            loss, metrics = loss_fn(model, batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss, metrics = loss_fn(model, batch)
             (loss / cfg.grad_accum).backward()
             step_metrics["loss"] += loss.item() / cfg.grad_accum
             for k, v in metrics.items():
                 step_metrics[k] += v / cfg.grad_accum
             seen += len(idx)
         if not math.isfinite(step_metrics["loss"]):
-            raise FloatingPointError(f"{desc}: loss is {step_metrics['loss']} at step {step}")
+            raise FloatingPointError(
+                f"{desc}: loss is {step_metrics['loss']} at step {step}; stopped before the "
+                f"optimizer step (last good checkpoint: {last if last and last.exists() else 'none'})")
 
         # clip, step, schedule
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
 
-        # bookkeeping
+        # bookkeeping: logs, evaluation, checkpoint
         step_metrics["grad_norm"] = float(grad_norm)
         step_metrics["learning_rate"] = scheduler.get_last_lr()[0]
         for k, v in step_metrics.items():
             window[k] += v
         window_steps += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
+            rate = seen / (time.perf_counter() - t0)
+            window["items_per_second"] = rate * window_steps
             for k, v in window.items():
                 result.history.setdefault(k, []).append(v / window_steps)
             result.log_steps.append(step)
-            rate = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{window['loss'] / window_steps:.4f}", items_s=f"{rate:.0f}")
             window, window_steps = defaultdict(float), 0
+        if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                    or step == cfg.steps):
+            for k, v in eval_fn(model).items():
+                result.history.setdefault(f"eval_{k}", []).append(v)
+            result.history.setdefault("eval_step", []).append(step)
+            model.train()
+        if last is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0
+                                                          or step == cfg.steps):
+            save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, step, result)
         bar.update(1)
 
     bar.close()
