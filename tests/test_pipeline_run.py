@@ -116,3 +116,29 @@ def test_reward_model_pipeline_trains_scores_and_hits(project_copy):
     again = {k: v for k, v in mlflow_runs(project_copy)[0].data.metrics.items()}
     assert again["reward_model.cache_hit"] == 1 and again["reward_model.score_cache_hit"] == 1
     assert again["reference.sft_cache_hit"] == 1
+
+
+def test_dpo_pipeline_logs_trl_metrics_and_saves_policy(project_copy):
+    """`kedro run --pipelines=dpo` (tiny sizes): TRL-named metrics, eval metrics, policy artifact."""
+    params = {**TINY_RUN, "dpo.train.steps": 4, "dpo.train.eval_every": 2, "dpo.train.log_every": 2,
+              "dpo.train.progress": False, "dpo.device": "cpu"}
+    run_kedro(project_copy, ["dpo"], runtime_params=params)
+    run = mlflow_runs(project_copy)[0]
+    names = {k for k in run.data.metrics if k.startswith("dpo.")}
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "pairs_per_second"):
+        assert f"dpo.{name}" in names and (name == "grad_norm" or f"dpo.eval_{name}" in names
+                                           or name in ("learning_rate", "pairs_per_second"))
+    assert (project_copy / "data/06_models/dpo_policy/model.safetensors").exists()
+    import mlflow
+
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "dpo_policy")]
+    assert "dpo_policy/model.safetensors" in artifacts
+    assert (project_copy / "data/06_models/dpo_checkpoints/last/trainer_state.pt").exists()
+
+
+def test_dpo_unknown_loss_fails_at_start_with_valid_names(project_copy):
+    params = {**TINY_RUN, "dpo.loss": "kto", "dpo.device": "cpu"}
+    with pytest.raises(ValueError, match=r"dpo.loss: unknown loss 'kto'; valid: \['hinge', 'ipo', 'sigmoid'\]"):
+        run_kedro(project_copy, ["dpo"], runtime_params=params)
+    assert not any((project_copy / "data/02_intermediate").iterdir())  # before any node ran

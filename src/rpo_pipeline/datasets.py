@@ -82,7 +82,8 @@ class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
     that fingerprint (nothing is written). Writes go to a temporary sibling directory that is
     swapped in, so an interrupted save leaves the previous directory or none, never a half-written
     one. ``load`` returns a ``PretrainedHandle``: ``handle.load()`` calls
-    ``<load_class>.from_pretrained(filepath, **load_args)``.
+    ``<load_class>.from_pretrained(filepath, **load_args)``. With ``mlflow_artifact_path`` the saved
+    directory is also logged to the active MLflow run under that path.
 
     Example::
 
@@ -94,8 +95,10 @@ class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
 
     def __init__(self, filepath: str, load_class: str = "transformers.AutoModelForCausalLM",
                  load_args: dict[str, Any] | None = None, save_args: dict[str, Any] | None = None,
+                 mlflow_artifact_path: str | None = None,
                  metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(filepath)
+        self._mlflow_artifact_path = mlflow_artifact_path
         self._load_class = load_class
         self._load_args = dict(load_args or {})
         self._save_args = dict(save_args or {})  # transformers 5 always writes safetensors
@@ -119,12 +122,23 @@ class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
             obj.save_pretrained(str(tmp), **self._save_args)
             if fp is not None:
                 (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
+        if self._mlflow_artifact_path is not None:
+            _log_dir_to_active_mlflow_run(self._path, self._mlflow_artifact_path)
 
     def _exists(self) -> bool:
         return self._path.is_dir() and any(self._path.iterdir())
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._path), "load_class": self._load_class}
+
+
+def _log_dir_to_active_mlflow_run(path: Path, artifact_path: str) -> None:
+    """Copy a saved directory into the active MLflow run's artifacts (kedro-mlflow's
+    MlflowArtifactDataset logs single files only). No active run: nothing to do."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_artifacts(str(path), artifact_path)
 
 
 class FingerprintedParquetDataset(AbstractDataset[Any, pd.DataFrame]):

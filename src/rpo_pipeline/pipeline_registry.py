@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from rpo_pipeline.pipelines import data_processing, reference, reward_model
+from rpo_pipeline.pipelines import data_processing, policy_training, reference, reward_model
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -22,6 +22,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "data_processing": dp,
         "reference": dp + ref,
         "reward_model": dp + ref + rm,  # the reward model starts from the SFT model
+        "dpo": dp + ref + policy_training.create_pipeline(namespace="dpo"),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines
