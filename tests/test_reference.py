@@ -177,3 +177,23 @@ def test_cache_table_has_no_test_split(data, saved):
                                    {"device": "cpu", "logprobs": {"batch_size": 64}})
     assert set(out.value["split"]) == {"train", "val"}
     assert isinstance(out.value, pd.DataFrame)
+
+
+def test_policy_training_with_lora_reads_only_the_cache_and_merges(data, saved):
+    """DPO node: LoRA adapters train and are merged; π_ref's log-probs come from the cache table."""
+    from rpo_pipeline.pipelines.policy_training.nodes import train_policy
+
+    base, tok, _ = saved
+    ref, _ = build_reference_cache(base, tok, data["tokenized"], None, DATA_PARAMS,
+                                   {"device": "cpu", "logprobs": {"batch_size": 64}})
+    params = {"name": "dpo", "loss": "sigmoid", "beta": 0.1, "device": "cpu",
+              "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]},
+              "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "progress": False, "log_every": 2,
+                        "eval_every": 3}}
+    policy, metrics = train_policy(base, tok, data["tokenized"], data["pairs"], ref.value, params)
+    assert not hasattr(policy, "peft_config")  # merged back into a plain causal LM
+    moved = [n for (n, p), (_, q) in zip(policy.named_parameters(), data["model"].named_parameters(),
+                                         strict=True) if not torch.equal(p, q)]
+    assert moved and all("c_attn" in n for n in moved)  # only the adapted layers changed
+    assert [s["step"] for s in metrics["eval_rewards/accuracies"]] == [3, 6]
+    assert len(metrics["loss"]) == 3 and "pairs_per_second" in metrics
