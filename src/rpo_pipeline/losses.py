@@ -109,3 +109,48 @@ def preference_loss(name: str, beta: float, label_smoothing: float = 0.0, sft_we
             "logps/rejected": float(logp[b:].detach().mean()),
         }
     return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# RPO (arXiv 2502.00203; NeMo-Aligner rpo_* losses): match the policy's implicit reward margin to
+# the reward model's. a_k = β·[log π(y_k|x) − log π_ref(y_k|x)], b_k = η·r*(x, y_k).
+# --------------------------------------------------------------------------------------------------
+def rpo_pair(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """K = 2, per pair, with a = a_1 − a_2 and b = b_1 − b_2 (log-sigmoid forms: finite when σ saturates).
+
+    bwd_kl: KL(Bern(σ(b)) ‖ Bern(σ(a))) = σ(b)[log σ(b) − log σ(a)] + σ(−b)[log σ(−b) − log σ(−a)]
+    fwd_kl: KL(Bern(σ(a)) ‖ Bern(σ(b)))
+    sq:     (a − b)²
+    """
+    if distance == "sq":
+        return (a - b) ** 2
+    la, lna, lb, lnb = F.logsigmoid(a), F.logsigmoid(-a), F.logsigmoid(b), F.logsigmoid(-b)
+    if distance == "bwd_kl":
+        return lb.exp() * (lb - la) + lnb.exp() * (lnb - lna)
+    if distance == "fwd_kl":
+        return la.exp() * (la - lb) + lna.exp() * (lna - lnb)
+    raise ValueError(f"unknown RPO distance {distance!r}; valid: {RPO_DISTANCES}")
+
+
+def rpo_group(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """K ≥ 2 responses per prompt, per group; a, b have shape (B, K).
+
+    bwd_kl: Σ_k q^b_k (log q^b_k − log q^a_k), q^a = softmax(a), q^b = softmax(b)
+    fwd_kl: Σ_k q^a_k (log q^a_k − log q^b_k)
+    sq (sqloo): ½ Σ_k (â_k − b̂_k)², â_k = a_k − mean_{j≠k} a_j (same for b)
+    At K = 2 each equals ``rpo_pair`` on a_1 − a_2, b_1 − b_2.
+    """
+    if distance == "sq":
+        k = a.shape[-1]
+        a_hat = a - (a.sum(-1, keepdim=True) - a) / (k - 1)
+        b_hat = b - (b.sum(-1, keepdim=True) - b) / (k - 1)
+        return 0.5 * ((a_hat - b_hat) ** 2).sum(-1)
+    lqa, lqb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    if distance == "bwd_kl":
+        return (lqb.exp() * (lqb - lqa)).sum(-1)
+    if distance == "fwd_kl":
+        return (lqa.exp() * (lqa - lqb)).sum(-1)
+    raise ValueError(f"unknown RPO distance {distance!r}; valid: {RPO_DISTANCES}")
+
+
+RPO_DISTANCES = ["bwd_kl", "fwd_kl", "sq"]
