@@ -142,3 +142,18 @@ def test_dpo_unknown_loss_fails_at_start_with_valid_names(project_copy):
     with pytest.raises(ValueError, match=r"dpo.loss: unknown loss 'kto'; valid: \['hinge', 'ipo', 'sigmoid'\]"):
         run_kedro(project_copy, ["dpo"], runtime_params=params)
     assert not any((project_copy / "data/02_intermediate").iterdir())  # before any node ran
+
+
+def test_rpo_pipeline_trains_on_reward_model_scores(project_copy):
+    """`kedro run --pipelines=rpo` (tiny sizes): K = 4 groups, RPO metrics, gold-pair eval, policy."""
+    params = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
+              "reward_model.device": "cpu", "rpo.train.steps": 4, "rpo.train.eval_every": 2,
+              "rpo.train.log_every": 2, "rpo.train.progress": False, "rpo.device": "cpu"}
+    run_kedro(project_copy, ["rpo"], runtime_params=params)
+    run = mlflow_runs(project_copy)[0]
+    names = {k for k in run.data.metrics if k.startswith("rpo.")}
+    assert {"rpo.loss", "rpo.target_margin", "rpo.ranking_agreement", "rpo.rewards/accuracies",
+            "rpo.eval_rewards/accuracies", "rpo.eval_target_margin", "rpo.pairs_per_second"} <= names
+    assert (project_copy / "data/06_models/rpo_policy/model.safetensors").exists()
+    with pytest.raises(ValueError, match=r"rpo.distance: unknown distance 'js'"):
+        run_kedro(project_copy, ["rpo"], runtime_params={**params, "rpo.distance": "js"})

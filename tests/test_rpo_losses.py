@@ -79,3 +79,79 @@ def test_bwd_kl_tends_to_dpo_as_target_margin_grows():
 def test_unknown_distance():
     with pytest.raises(ValueError, match="unknown RPO distance 'js'"):
         rpo_pair(torch.zeros(1), torch.zeros(1), "js")
+
+
+def _groups_and_scores():
+    import pandas as pd
+
+    groups = pd.DataFrame({"group_id": ["g1", "g2"], "split": ["train", "val"],
+                           "scores": [[1.0, 3.0, 2.0], [0.0, 4.0, 2.0]]})
+    scores = pd.DataFrame({"group_id": ["g1"] * 3 + ["g2"] * 3, "response_index": [0, 1, 2] * 2,
+                           "split": ["train"] * 3 + ["val"] * 3, "reward": [2.0, 4.0, 6.0, 1.0, 1.0, 4.0]})
+    return groups, scores
+
+
+def test_reward_targets_sources_and_normalizations():
+    from rpo_pipeline.policy import reward_targets
+
+    groups, scores = _groups_and_scores()
+    z = reward_targets(groups, scores, {"mean": 4.0, "std": 2.0}, "reward_model", "zscore")
+    assert z["target"].tolist() == [-1.0, 0.0, 1.0, -1.5, -1.5, 0.0]
+    pp = reward_targets(groups, scores, None, "reward_model", "per_prompt")
+    assert pp["target"].tolist() == [-2.0, 0.0, 2.0, -1.0, -1.0, 2.0]
+    ds = reward_targets(groups, None, None, "dataset", "zscore")  # train mean 2, std sqrt(2/3)
+    assert ds["target"].tolist()[:3] == pytest.approx([-1.224745, 1.224745, 0.0], abs=1e-6)
+    assert reward_targets(groups, None, None, "dataset", "none")["target"].tolist() == [1, 3, 2, 0, 4, 2]
+    with pytest.raises(ValueError, match="reward_source"):
+        reward_targets(groups, scores, None, "judge", "none")
+
+
+def test_group_items_need_equal_k_and_cached_reference():
+    import pandas as pd
+
+    from rpo_pipeline.policy import group_items
+
+    tok = pd.DataFrame({"group_id": ["a", "a", "b", "b", "b"], "response_index": [0, 1, 0, 1, 2],
+                        "split": ["train"] * 5, "input_ids": [[1, 2, 3]] * 5, "response_start": [1] * 5})
+    ref = tok[["group_id", "response_index"]].assign(ref_logp=-1.0)
+    tgt = tok[["group_id", "response_index"]].assign(target=0.5)
+    with pytest.raises(ValueError, match=r"same number of responses in every group; found sizes \[2, 3\]"):
+        group_items(tok, ref, tgt, "train")
+    with pytest.raises(ValueError, match="lack a cached reference log-prob"):
+        group_items(tok[tok.group_id == "b"], ref.iloc[:3], tgt, "train")
+    items, lengths = group_items(tok[tok.group_id == "b"], ref, tgt, "train")
+    assert len(items) == 1 and len(items[0][0]) == 3 and lengths == [3]
+
+
+class _Table(torch.nn.Module):
+    def __init__(self, vocab=6):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.randn(vocab, vocab))
+
+    def forward(self, input_ids, **_):
+        return type("Out", (), {"logits": self.logits[input_ids]})()
+
+
+def test_reward_aware_loss_k2_uses_pair_form_and_reports_agreement():
+    from rpo_pipeline.batching import response_logprobs
+    from rpo_pipeline.losses import reward_aware_loss
+    from rpo_pipeline.policy import group_collate
+
+    torch.manual_seed(0)
+    model = _Table()
+    items = [([[1, 2, 3], [1, 4, 5, 2]], [1, 1], [-3.0, -4.0], [1.0, -1.0]),
+             ([[0, 3], [0, 5, 5]], [1, 1], [-2.0, -2.5], [-0.5, 0.5])]
+    batch = group_collate(0)(items)
+    beta, eta = 0.5, 2.0
+    loss, m = reward_aware_loss("bwd_kl", beta, eta)(model, batch)
+    logp, _, _ = response_logprobs(model, batch)
+    a = (beta * (logp.detach() - batch["ref_logps"])).view(2, 2)
+    b = (eta * batch["targets"]).view(2, 2)
+    expected = rpo_pair(a[:, 0] - a[:, 1], b[:, 0] - b[:, 1], "bwd_kl").mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    agree = ((a[:, 0] - a[:, 1]) * (b[:, 0] - b[:, 1]) > 0).double().mean().item()
+    assert m["ranking_agreement"] == pytest.approx(agree)
+    assert m["target_margin"] == pytest.approx(3.0)  # η·(r_best − r_worst): 2·2 and 2·1, mean 3
+    assert m["rewards/chosen"] == pytest.approx(((a[0, 0] + a[1, 1]) / 2).item())
+    with pytest.raises(ValueError, match="unknown RPO distance"):
+        reward_aware_loss("kl", beta, eta)

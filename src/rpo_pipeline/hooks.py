@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from kedro.framework.hooks import hook_impl
 
-from rpo_pipeline.losses import PAIR_LOSSES
-
-POLICY_METHODS = ("dpo",)
+from rpo_pipeline.losses import PAIR_LOSSES, RPO_DISTANCES
 
 
 class ValidateParameters:
@@ -15,7 +13,9 @@ class ValidateParameters:
     @hook_impl
     def after_context_created(self, context) -> None:
         params = context.params
-        for method in POLICY_METHODS:
-            loss = (params.get(method) or {}).get("loss")
-            if loss is not None and loss not in PAIR_LOSSES:
-                raise ValueError(f"{method}.loss: unknown loss {loss!r}; valid: {sorted(PAIR_LOSSES)}")
+        loss = (params.get("dpo") or {}).get("loss")
+        if loss is not None and loss not in PAIR_LOSSES:
+            raise ValueError(f"dpo.loss: unknown loss {loss!r}; valid: {sorted(PAIR_LOSSES)}")
+        distance = (params.get("rpo") or {}).get("distance")
+        if distance is not None and distance not in RPO_DISTANCES:
+            raise ValueError(f"rpo.distance: unknown distance {distance!r}; valid: {RPO_DISTANCES}")

@@ -154,3 +154,44 @@ def rpo_group(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
 
 
 RPO_DISTANCES = ["bwd_kl", "fwd_kl", "sq"]
+
+
+def reward_aware_loss(distance: str, beta: float, eta: float, average_logps: bool = False):
+    """RPO loss_fn for ``training.train`` over batches of ``policy.group_collate``.
+
+    a_k = β·[log π(y_k|x) − log π_ref(y_k|x)] (summed over response tokens, or averaged with
+    ``average_logps``), b_k = η·r*(x, y_k); K = 2 uses ``rpo_pair``, K > 2 ``rpo_group``. Metrics use
+    the DPO names with chosen/rejected = the best/worst response by target reward, plus
+    ``target_margin`` (mean b_best − b_worst) and ``ranking_agreement`` (share of response pairs
+    the policy's implicit reward orders like the reward model).
+    """
+    if distance not in RPO_DISTANCES:
+        raise ValueError(f"unknown RPO distance {distance!r}; valid: {RPO_DISTANCES}")
+
+    def fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logp, n_tokens, _ = response_logprobs(model, batch)
+        k = int(batch["group_size"])
+        ref = batch["ref_logps"].to(logp.dtype)
+        scale = n_tokens.clamp(min=1).to(logp.dtype) if average_logps else 1.0
+        a = (beta * (logp - ref) / scale).view(-1, k)
+        b = (eta * batch["targets"].to(logp.dtype)).view(-1, k)
+        per_group = rpo_pair(a[:, 0] - a[:, 1], b[:, 0] - b[:, 1], distance) if k == 2 \
+            else rpo_group(a, b, distance)
+        with torch.no_grad():
+            rows = torch.arange(a.shape[0])
+            best, worst = b.argmax(-1), b.argmin(-1)
+            reward = (beta * (logp - ref)).detach().view(-1, k)
+            lp = logp.detach().view(-1, k)
+            r_c, r_r = reward[rows, best], reward[rows, worst]
+            da, db = a.unsqueeze(-1) - a.unsqueeze(-2), b.unsqueeze(-1) - b.unsqueeze(-2)
+            ordered = db != 0
+            agree = ((da * db > 0) & ordered).sum() / ordered.sum().clamp(min=1)
+        return per_group.mean(), {
+            "rewards/chosen": float(r_c.mean()), "rewards/rejected": float(r_r.mean()),
+            "rewards/accuracies": float((r_c > r_r).float().mean()),
+            "rewards/margins": float((r_c - r_r).mean()),
+            "logps/chosen": float(lp[rows, best].mean()), "logps/rejected": float(lp[rows, worst].mean()),
+            "target_margin": float((b[rows, best] - b[rows, worst]).mean()),
+            "ranking_agreement": float(agree),
+        }
+    return fn

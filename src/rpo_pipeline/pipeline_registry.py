@@ -23,6 +23,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "reference": dp + ref,
         "reward_model": dp + ref + rm,  # the reward model starts from the SFT model
         "dpo": dp + ref + policy_training.create_pipeline(namespace="dpo"),
+        "rpo": dp + ref + rm + policy_training.create_pipeline(namespace="rpo"),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

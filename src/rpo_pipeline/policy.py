@@ -51,3 +51,74 @@ def policy_collate(pad_id: int):
                                           dtype=torch.float64)
         return batch
     return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# RPO: groups of K responses with target rewards
+# --------------------------------------------------------------------------------------------------
+def reward_targets(groups: pd.DataFrame, reward_scores: pd.DataFrame | None,
+                   reward_stats: dict | None, source: str = "reward_model",
+                   normalization: str = "zscore") -> pd.DataFrame:
+    """r*(x, y_k) per (group_id, response_index), normalised.
+
+    ``source``: ``reward_model`` (the reward_model stage's scores) or ``dataset`` (the scores in the
+    data). ``normalization``: ``none``; ``zscore`` with the train split's mean/std (the
+    reward_model stage's ``reward_stats`` for model scores); ``per_prompt`` (centred within each
+    group).
+    """
+    if source == "reward_model":
+        t = reward_scores[[*KEY, "split", "reward"]].rename(columns={"reward": "target"})
+    elif source == "dataset":
+        g = groups[groups["scores"].notna()]
+        t = g[["group_id", "split", "scores"]].explode("scores").rename(columns={"scores": "target"})
+        t["response_index"] = t.groupby("group_id").cumcount()
+        t["target"] = t["target"].astype(float)
+    else:
+        raise ValueError(f"rpo.reward_source must be 'reward_model' or 'dataset', got {source!r}")
+    if normalization == "zscore":
+        if source == "reward_model":
+            mean, std = reward_stats["mean"], reward_stats["std"]
+        else:
+            train = t.loc[t["split"] == "train", "target"]
+            mean, std = float(train.mean()), float(train.std(ddof=0))
+        t["target"] = (t["target"] - mean) / (std if std > 0 else 1.0)
+    elif normalization == "per_prompt":
+        t["target"] = t["target"] - t.groupby("group_id")["target"].transform("mean")
+    elif normalization != "none":
+        raise ValueError(f"rpo.reward_normalization must be none, zscore or per_prompt; got {normalization!r}")
+    return t[[*KEY, "target"]].reset_index(drop=True)
+
+
+def group_items(tokenized: pd.DataFrame, reference: pd.DataFrame, targets: pd.DataFrame,
+                split: str) -> tuple[list[tuple], list[int]]:
+    """One item per group of ``split``: (ids per response, starts, reference log-probs, targets).
+
+    Every group must have the same number of responses K (a batch is a (B, K) block).
+    """
+    rows = tokenized[tokenized["split"] == split][[*KEY, "input_ids", "response_start"]]
+    rows = rows.merge(reference[[*KEY, "ref_logp"]], on=KEY, how="left")
+    rows = rows.merge(targets, on=KEY, how="left").sort_values(KEY, kind="stable")
+    missing = rows["ref_logp"].isna() | rows["target"].isna()
+    if missing.any():
+        raise ValueError(f"{int(missing.sum())} {split} responses lack a cached reference log-prob "
+                         "or a target reward; re-run the reference and reward_model pipelines")
+    sizes = rows.groupby("group_id", sort=False).size()
+    if sizes.nunique() > 1:
+        raise ValueError(f"RPO needs the same number of responses in every group; found sizes "
+                         f"{sorted(sizes.unique().tolist())}")
+    items = [(list(g["input_ids"]), list(g["response_start"]), list(g["ref_logp"]), list(g["target"]))
+             for _, g in rows.groupby("group_id", sort=False)]
+    return items, [max(len(x) for x in it[0]) for it in items]
+
+
+def group_collate(pad_id: int):
+    """Group items -> one batch of B·K sequences, group-major, with ``group_size`` = K."""
+    def fn(items: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        seqs = [s for it in items for s in it[0]]
+        starts = [s for it in items for s in it[1]]
+        batch = collate(seqs, starts, pad_id)
+        batch["ref_logps"] = torch.tensor([r for it in items for r in it[2]], dtype=torch.float64)
+        batch["targets"] = torch.tensor([r for it in items for r in it[3]], dtype=torch.float64)
+        batch["group_size"] = torch.tensor(len(items[0][0]))
+        return batch
+    return fn

@@ -1,50 +1,48 @@
-"""policy_training node: preference training of the policy from π_SFT with cached reference log-probs."""
+"""policy_training nodes: DPO and RPO share one runner over the one training loop.
+
+π_ref is never loaded: its log-probs come from the ``reference_logprobs`` cache. The policy starts
+from π_SFT's weights (full fine-tuning, or LoRA merged at the end); evaluation on the val split
+every ``train.eval_every`` steps (``eval_`` metrics); checkpoints in ``train.checkpoint_dir``
+(``train.resume: true`` continues from there).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 from peft import LoraConfig, get_peft_model
 
 from rpo_pipeline.datasets import PretrainedHandle
-from rpo_pipeline.losses import preference_loss
-from rpo_pipeline.policy import policy_collate, preference_items
+from rpo_pipeline.losses import preference_loss, reward_aware_loss
+from rpo_pipeline.policy import (
+    group_collate,
+    group_items,
+    policy_collate,
+    preference_items,
+    reward_targets,
+)
 from rpo_pipeline.tracking import MetricsPayload, histories
 from rpo_pipeline.training import TrainConfig, evaluate, train
 
 log = logging.getLogger(__name__)
 
 
-def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
-                 pairs: pd.DataFrame, reference: pd.DataFrame, params: dict[str, Any]
-                 ) -> tuple[Any, MetricsPayload]:
-    """Train the policy, starting from π_SFT's weights, with the configured preference loss.
-
-    π_ref is never loaded: its log-probs come from the ``reference_logprobs`` cache. Evaluates on
-    the val pairs every ``train.eval_every`` steps (``eval_`` metrics) and checkpoints to
-    ``train.checkpoint_dir`` (``train.resume: true`` continues from there).
-    """
-    loss_fn = preference_loss(params["loss"], params["beta"], params.get("label_smoothing", 0.0),
-                              params.get("sft_weight", 0.0))  # unknown names fail here, first
-    train_items, train_len = preference_items(tokenized, pairs, reference, "train")
-    val_items, val_len = preference_items(tokenized, pairs, reference, "val")
+def _run(sft_model: PretrainedHandle, items: list, lengths: list[int], collate: Callable,
+         loss_fn: Callable, eval_fn: Callable | None, params: dict[str, Any]
+         ) -> tuple[Any, MetricsPayload]:
+    """Load π_SFT (+ LoRA), train, merge; metrics with TRL names, ``eval_`` at eval steps."""
     cfg = TrainConfig.from_params(params["train"], device=params["device"])
-    collate = policy_collate(tokenizer.load().pad_token_id)
-
     model = sft_model.load()
     lora = params.get("lora") or {}
     if lora.get("enabled"):
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
                                                  lora_dropout=lora.get("dropout", 0.0),
                                                  target_modules=list(lora["target_modules"])))
-
-    def eval_fn(m):
-        return evaluate(m, val_items, val_len, collate, loss_fn, 2 * cfg.batch_size, params["device"])
-
-    result = train(model, train_items, train_len, collate, loss_fn, cfg,
-                   desc=params.get("name", "policy"), eval_fn=eval_fn if val_items else None)
+    result = train(model, items, lengths, collate, loss_fn, cfg, desc=params.get("name", "policy"),
+                   eval_fn=eval_fn)
     if lora.get("enabled"):
         model = model.merge_and_unload()
     hist = dict(result.history)
@@ -52,7 +50,54 @@ def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, token
     hist["pairs_per_second"] = hist.pop("items_per_second")
     train_part = {k: v for k, v in hist.items() if not k.startswith("eval_")}
     eval_part = {k: v for k, v in hist.items() if k.startswith("eval_")}
-    log.info("%s: %d steps in %.1f s (%.1f pairs/s); eval reward accuracy %.3f",
+    log.info("%s: %d steps in %.1f s (%.1f items/s); eval reward accuracy %.3f",
              params.get("name", "policy"), cfg.steps, result.seconds, result.items_per_second,
              eval_part.get("eval_rewards/accuracies", [float("nan")])[-1])
     return model.cpu(), histories(train_part, result.log_steps) | histories(eval_part, eval_steps)
+
+
+def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
+                 pairs: pd.DataFrame, reference: pd.DataFrame, params: dict[str, Any]
+                 ) -> tuple[Any, MetricsPayload]:
+    """DPO family: train on (chosen, rejected) pairs with the configured loss."""
+    loss_fn = preference_loss(params["loss"], params["beta"], params.get("label_smoothing", 0.0),
+                              params.get("sft_weight", 0.0))
+    items, lengths = preference_items(tokenized, pairs, reference, "train")
+    val_items, val_len = preference_items(tokenized, pairs, reference, "val")
+    collate = policy_collate(tokenizer.load().pad_token_id)
+    batch = 2 * params["train"].get("batch_size", 32)
+
+    def eval_fn(m):
+        return evaluate(m, val_items, val_len, collate, loss_fn, batch, params["device"])
+
+    return _run(sft_model, items, lengths, collate, loss_fn, eval_fn if val_items else None, params)
+
+
+def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
+                     tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd.DataFrame,
+                     groups: pd.DataFrame, reward_scores: pd.DataFrame, reward_stats: dict,
+                     params: dict[str, Any]) -> tuple[Any, MetricsPayload]:
+    """RPO: match the policy's implicit reward margins to the reward model's over K responses.
+
+    Evaluation reports the RPO loss and target metrics on val groups, and ``rewards/*`` on the val
+    pairs ranked by the data's gold scores (the gold judge on the default data).
+    """
+    loss_fn = reward_aware_loss(params["distance"], params["beta"], params["eta"],
+                                params.get("average_logps", False))
+    targets = reward_targets(groups, reward_scores, reward_stats, params["reward_source"],
+                             params["reward_normalization"])
+    items, lengths = group_items(tokenized, reference, targets, "train")
+    val_items, val_len = group_items(tokenized, reference, targets, "val")
+    gold_pairs, gold_len = preference_items(tokenized, pairs, reference, "val")
+    pad = tokenizer.load().pad_token_id
+    collate, pair_collate_fn = group_collate(pad), policy_collate(pad)
+    pair_metrics = preference_loss("sigmoid", params["beta"])
+    batch = params["train"].get("batch_size", 8)
+
+    def eval_fn(m):
+        out = evaluate(m, val_items, val_len, collate, loss_fn, 2 * batch, params["device"])
+        gold = evaluate(m, gold_pairs, gold_len, pair_collate_fn, pair_metrics, 4 * batch,
+                        params["device"])
+        return out | {k: v for k, v in gold.items() if k.startswith(("rewards/", "logps/"))}
+
+    return _run(sft_model, items, lengths, collate, loss_fn, eval_fn if val_items else None, params)
