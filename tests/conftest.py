@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
 DEFAULT_DATA = ROOT / "data" / "01_raw" / "sentiment_reviews.jsonl"
+
+
+class TableLM(torch.nn.Module):
+    """A 'language model' whose next-token logits are a learnable table (log-probs easy to control)."""
+
+    def __init__(self, vocab: int = 6):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.randn(vocab, vocab))
+
+    def forward(self, input_ids, **_):
+        return type("Out", (), {"logits": self.logits[input_ids]})()
 
 
 def shared_file(relative: str) -> Path:

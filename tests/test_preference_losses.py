@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import TableLM
 
 from rpo_pipeline.batching import response_logprobs
 from rpo_pipeline.losses import dpo_sigmoid, hinge, ipo, preference_loss
@@ -102,20 +103,9 @@ def test_unknown_loss_lists_valid_names():
         preference_loss("kto", beta=0.1)
 
 
-class _Table(torch.nn.Module):
-    """A 'model' whose next-token logits are a learnable table: log-probs are easy to control."""
-
-    def __init__(self, vocab=6):
-        super().__init__()
-        self.logits = torch.nn.Parameter(torch.randn(vocab, vocab))
-
-    def forward(self, input_ids, **_):
-        return type("Out", (), {"logits": self.logits[input_ids]})()
-
-
 def test_policy_loss_uses_cached_reference_and_reports_trl_metrics():
     torch.manual_seed(0)
-    model = _Table()
+    model = TableLM()
     items = [([1, 2, 3, 4], 2, [1, 2, 5], 2, -3.0, -2.0), ([0, 3, 3], 1, [0, 3, 1, 1], 1, -4.0, -5.0)]
     batch = policy_collate(pad_id=0)(items)
     beta = 0.1

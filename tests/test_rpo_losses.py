@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import TableLM
 
 from rpo_pipeline.losses import dpo_sigmoid, rpo_group, rpo_pair
 
@@ -123,14 +124,6 @@ def test_group_items_need_equal_k_and_cached_reference():
     assert len(items) == 1 and len(items[0][0]) == 3 and lengths == [3]
 
 
-class _Table(torch.nn.Module):
-    def __init__(self, vocab=6):
-        super().__init__()
-        self.logits = torch.nn.Parameter(torch.randn(vocab, vocab))
-
-    def forward(self, input_ids, **_):
-        return type("Out", (), {"logits": self.logits[input_ids]})()
-
 
 def test_reward_aware_loss_k2_uses_pair_form_and_reports_agreement():
     from rpo_pipeline.batching import response_logprobs
@@ -138,7 +131,7 @@ def test_reward_aware_loss_k2_uses_pair_form_and_reports_agreement():
     from rpo_pipeline.policy import group_collate
 
     torch.manual_seed(0)
-    model = _Table()
+    model = TableLM()
     items = [([[1, 2, 3], [1, 4, 5, 2]], [1, 1], [-3.0, -4.0], [1.0, -1.0]),
              ([[0, 3], [0, 5, 5]], [1, 1], [-2.0, -2.5], [-0.5, 0.5])]
     batch = group_collate(0)(items)

@@ -111,10 +111,7 @@ class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
 
     def save(self, data: Any) -> None:
         if isinstance(data, CacheHit):
-            stored = read_stored_fingerprint(self._path)
-            if stored != data.fingerprint:
-                raise ValueError(f"{self._path}: cache hit claimed for {data.fingerprint} but the "
-                                 f"stored fingerprint is {stored}")
+            _check_cache_hit(self._path, data)
             return
         fp = data.fingerprint if isinstance(data, Fingerprinted) else None
         obj = data.value if isinstance(data, Fingerprinted) else data
@@ -159,10 +156,7 @@ class FingerprintedParquetDataset(AbstractDataset[Any, pd.DataFrame]):
 
     def save(self, data: Any) -> None:
         if isinstance(data, CacheHit):
-            stored = read_stored_fingerprint(self._path)
-            if stored != data.fingerprint:
-                raise ValueError(f"{self._path}: cache hit claimed for {data.fingerprint} but the "
-                                 f"stored fingerprint is {stored}")
+            _check_cache_hit(self._path, data)
             return
         df = data.value if isinstance(data, Fingerprinted) else data
         table = pa.Table.from_pandas(df, preserve_index=False)
@@ -183,6 +177,14 @@ class FingerprintedParquetDataset(AbstractDataset[Any, pd.DataFrame]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._path)}
+
+
+def _check_cache_hit(path: Path, hit: CacheHit) -> None:
+    """A stage claims the stored value is current: it must carry that fingerprint."""
+    stored = read_stored_fingerprint(path)
+    if stored != hit.fingerprint:
+        raise ValueError(f"{path}: cache hit claimed for {hit.fingerprint} but the stored "
+                         f"fingerprint is {stored}")
 
 
 def read_stored_fingerprint(path: str | Path) -> str | None:
