@@ -258,7 +258,7 @@ def serialize(rows: list[dict]) -> bytes:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-prompts", type=int, default=2800)
+    ap.add_argument("--n-prompts", type=int, default=2550)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=20250203)
     ap.add_argument("--out", type=Path, default=OUT)

@@ -124,3 +124,19 @@ def test_policy_loss_uses_cached_reference_and_reports_trl_metrics():
     assert with_sft.item() == pytest.approx(loss.item() - 0.5 * logp[:2].sum().item() / n_c)
     loss.backward()
     assert model.logits.grad.abs().sum() > 0
+
+
+def test_disable_dropout_makes_train_mode_log_probs_equal_eval_mode():
+    """Policy log-probs in training must be comparable with the cached (eval-mode) π_ref's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rpo_pipeline.pipelines.policy_training.nodes import disable_dropout
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        ref = model.eval()(ids).logits
+        assert not torch.allclose(model.train()(ids).logits, ref)  # dropout 0.1 by default
+        disable_dropout(model)
+        assert torch.equal(model.train()(ids).logits, ref)

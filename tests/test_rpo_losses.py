@@ -146,5 +146,10 @@ def test_reward_aware_loss_k2_uses_pair_form_and_reports_agreement():
     assert m["ranking_agreement"] == pytest.approx(agree)
     assert m["target_margin"] == pytest.approx(3.0)  # η·(r_best − r_worst): 2·2 and 2·1, mean 3
     assert m["rewards/chosen"] == pytest.approx(((a[0, 0] + a[1, 1]) / 2).item())
+    # sft_weight: + w * per-token NLL of each group's best response (row 0 of group 0, row 3)
+    with_sft, _ = reward_aware_loss("bwd_kl", beta, eta, sft_weight=0.5)(model, batch)
+    _, n_tok, _ = response_logprobs(model, batch)
+    nll = -(logp[0] + logp[3]).item() / (n_tok[0] + n_tok[3]).item()
+    assert with_sft.item() == pytest.approx(expected.item() + 0.5 * nll, abs=1e-9)
     with pytest.raises(ValueError, match="unknown RPO distance"):
         reward_aware_loss("kl", beta, eta)

@@ -54,7 +54,7 @@ def _assert_boundary_stable(tokenizer, examples):
 
 
 def test_boundary_does_not_shift_on_default_data(default_groups, tokenizer):
-    """Tokenizing prompt and response separately == tokenizing prompt+response (all 11 200)."""
+    """Tokenizing prompt and response separately == tokenizing prompt+response (all 10 200)."""
     tok = _assert_boundary_stable(tokenizer, format_groups(default_groups))
     assert (tok["response_start"] > 0).all()
 

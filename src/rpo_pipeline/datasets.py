@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +13,8 @@ import pyarrow.parquet as pq
 from kedro.io import AbstractDataset
 from kedro.utils import load_obj
 
-from rpo_pipeline.atomic import atomic_dir
-from rpo_pipeline.fingerprint import FINGERPRINT_FILE, CacheHit, Fingerprinted, hash_dir
+from rpo_pipeline.atomic import atomic_dir, atomic_file
+from rpo_pipeline.fingerprint import FINGERPRINT_FILE, HISTORY_FILE, CacheHit, Fingerprinted, hash_dir
 from rpo_pipeline.preference_data import read_preference_files
 
 PARQUET_FINGERPRINT_KEY = b"rpo_pipeline.fingerprint"
@@ -73,6 +71,11 @@ class PretrainedHandle:
     def stored_fingerprint(self) -> str | None:
         return read_stored_fingerprint(self.path)
 
+    def training_history(self) -> dict[str, list[dict[str, float]]]:
+        """The metrics its training logged (``training_history.json``), or {} if none saved."""
+        f = self.path / HISTORY_FILE
+        return json.loads(f.read_text()) if f.is_file() else {}
+
 
 class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
     """A ``save_pretrained`` directory (model, tokenizer, peft adapter, ...).
@@ -81,7 +84,9 @@ class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
     fingerprint of its inputs with it, or ``CacheHit(fp)`` when the stored directory already has
     that fingerprint (nothing is written). Writes go to a temporary sibling directory that is
     swapped in, so an interrupted save leaves the previous directory or none, never a half-written
-    one. ``load`` returns a ``PretrainedHandle``: ``handle.load()`` calls
+    one. An object with a ``training_history`` attribute (a metrics payload) also gets it written
+    to ``training_history.json``, like transformers' ``trainer_state.json``, for the evaluation
+    plots. ``load`` returns a ``PretrainedHandle``: ``handle.load()`` calls
     ``<load_class>.from_pretrained(filepath, **load_args)``. With ``mlflow_artifact_path`` the saved
     directory is also logged to the active MLflow run under that path.
 
@@ -119,6 +124,9 @@ class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
             obj.save_pretrained(str(tmp), **self._save_args)
             if fp is not None:
                 (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
+            history = getattr(obj, "training_history", None)
+            if history:
+                (tmp / HISTORY_FILE).write_text(json.dumps(history))
         if self._mlflow_artifact_path is not None:
             _log_dir_to_active_mlflow_run(self._path, self._mlflow_artifact_path)
 
@@ -164,13 +172,8 @@ class FingerprintedParquetDataset(AbstractDataset[Any, pd.DataFrame]):
             meta = dict(table.schema.metadata or {})
             meta[PARQUET_FINGERPRINT_KEY] = data.fingerprint.encode()
             table = table.replace_schema_metadata(meta)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(f".{self._path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_file(self._path) as tmp:
             pq.write_table(table, tmp)
-            os.replace(tmp, self._path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def _exists(self) -> bool:
         return self._path.is_file()
@@ -221,3 +224,43 @@ class StoredFingerprintDataset(AbstractDataset[None, str | None]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._path)}
+
+
+class ReportTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
+    """A report table: Parquet at ``filepath``, a CSV copy beside it (same stem) for reading by
+    eye, and, with ``mlflow_artifact_file``, an MLflow table artifact (``mlflow.log_table``, shown
+    as a table in the MLflow UI) in the active run.
+
+    Example::
+
+        evaluation.samples_table:
+          type: rpo_pipeline.datasets.ReportTableDataset
+          filepath: data/08_reporting/evaluation_samples.parquet
+          mlflow_artifact_file: evaluation/samples_table.json
+    """
+
+    def __init__(self, filepath: str, mlflow_artifact_file: str | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        self._path = Path(filepath)
+        self._artifact_file = mlflow_artifact_file
+        self.metadata = metadata
+
+    def load(self) -> pd.DataFrame:
+        return pd.read_parquet(self._path)
+
+    def save(self, data: pd.DataFrame) -> None:
+        with atomic_file(self._path) as tmp:
+            data.to_parquet(tmp, index=False)
+        with atomic_file(self._path.with_suffix(".csv")) as tmp:
+            data.to_csv(tmp, index=False)
+        if self._artifact_file is not None:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.log_table(data=data, artifact_file=self._artifact_file)
+
+    def _exists(self) -> bool:
+        return self._path.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._path), "mlflow_artifact_file": self._artifact_file}

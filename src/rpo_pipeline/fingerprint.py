@@ -21,10 +21,12 @@ import numpy as np
 import pandas as pd
 
 FINGERPRINT_FILE = "fingerprint.json"
+HISTORY_FILE = "training_history.json"  # metrics logged while training (timings vary run to run)
 
 
-def hash_dir(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE,)) -> str:
-    """Digest of every file under ``path`` (relative names and bytes), in sorted order."""
+def hash_dir(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE, HISTORY_FILE)) -> str:
+    """Digest of every file under ``path`` (relative names and bytes), in sorted order; the stored
+    fingerprint and training history are not content."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory to fingerprint")

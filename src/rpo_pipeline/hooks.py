@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kedro.framework.hooks import hook_impl
 
+from rpo_pipeline.evaluation import GOLD_JUDGES
 from rpo_pipeline.losses import PAIR_LOSSES, RPO_DISTANCES
 
 
@@ -19,3 +20,6 @@ class ValidateParameters:
         distance = (params.get("rpo") or {}).get("distance")
         if distance is not None and distance not in RPO_DISTANCES:
             raise ValueError(f"rpo.distance: unknown distance {distance!r}; valid: {RPO_DISTANCES}")
+        judge = (params.get("evaluation") or {}).get("gold_judge")
+        if judge is not None and judge not in GOLD_JUDGES:
+            raise ValueError(f"evaluation.gold_judge: unknown judge {judge!r}; valid: {list(GOLD_JUDGES)}")

@@ -156,11 +156,14 @@ def rpo_group(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
 RPO_DISTANCES = ["bwd_kl", "fwd_kl", "sq"]
 
 
-def reward_aware_loss(distance: str, beta: float, eta: float, average_logps: bool = False):
+def reward_aware_loss(distance: str, beta: float, eta: float, average_logps: bool = False,
+                      sft_weight: float = 0.0):
     """RPO loss_fn for ``training.train`` over batches of ``policy.group_collate``.
 
     a_k = β·[log π(y_k|x) − log π_ref(y_k|x)] (summed over response tokens, or averaged with
-    ``average_logps``), b_k = η·r*(x, y_k); K = 2 uses ``rpo_pair``, K > 2 ``rpo_group``. Metrics use
+    ``average_logps``), b_k = η·r*(x, y_k); K = 2 uses ``rpo_pair``, K > 2 ``rpo_group``.
+    ``sft_weight`` adds w · NLL (per token) of each group's best response by target reward, as
+    ``preference_loss`` does for the chosen response. Metrics use
     the DPO names with chosen/rejected = the best/worst response by target reward, plus
     ``target_margin`` (mean b_best − b_worst) and ``ranking_agreement`` (share of response pairs
     the policy's implicit reward orders like the reward model).
@@ -186,7 +189,11 @@ def reward_aware_loss(distance: str, beta: float, eta: float, average_logps: boo
             da, db = a.unsqueeze(-1) - a.unsqueeze(-2), b.unsqueeze(-1) - b.unsqueeze(-2)
             ordered = db != 0
             agree = ((da * db > 0) & ordered).sum() / ordered.sum().clamp(min=1)
-        return per_group.mean(), {
+        loss = per_group.mean()
+        if sft_weight:
+            top = b.argmax(-1) + torch.arange(a.shape[0], device=b.device) * k
+            loss = loss + sft_weight * (-logp[top].sum() / n_tokens[top].sum().clamp(min=1))
+        return loss, {
             "rewards/chosen": float(r_c.mean()), "rewards/rejected": float(r_r.mean()),
             "rewards/accuracies": float((r_c > r_r).float().mean()),
             "rewards/margins": float((r_c - r_r).mean()),

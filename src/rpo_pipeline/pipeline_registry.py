@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from rpo_pipeline.pipelines import data_processing, policy_training, reference, reward_model
+from rpo_pipeline.pipelines import (
+    data_processing,
+    evaluation,
+    policy_training,
+    reference,
+    reward_model,
+)
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -25,5 +31,8 @@ def register_pipelines() -> dict[str, Pipeline]:
         "dpo": dp + ref + policy_training.create_pipeline(namespace="dpo"),
         "rpo": dp + ref + rm + policy_training.create_pipeline(namespace="rpo"),
     }
+    # evaluation compares the reference with both policies (and scores with the reward model)
+    pipelines["evaluation"] = (pipelines["dpo"] + pipelines["rpo"]
+                               + evaluation.create_pipeline(policies=("dpo", "rpo")))
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
+import torch
 from peft import LoraConfig, get_peft_model
 
 from rpo_pipeline.datasets import PretrainedHandle
@@ -30,12 +31,22 @@ from rpo_pipeline.training import TrainConfig, evaluate, train
 log = logging.getLogger(__name__)
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off (as TRL's ``disable_dropout``): π's log-probs are then computed like the cached
+    π_ref's, in eval mode, so the implicit reward starts at exactly 0 and its gradient is not noise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
 def _run(sft_model: PretrainedHandle, items: list, lengths: list[int], collate: Callable,
          loss_fn: Callable, eval_fn: Callable | None, params: dict[str, Any]
          ) -> tuple[Any, MetricsPayload]:
     """Load π_SFT (+ LoRA), train, merge; metrics with TRL names, ``eval_`` at eval steps."""
     cfg = TrainConfig.from_params(params["train"], device=params["device"])
     model = sft_model.load()
+    if params.get("disable_dropout", True):
+        disable_dropout(model)
     lora = params.get("lora") or {}
     if lora.get("enabled"):
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
@@ -53,7 +64,10 @@ def _run(sft_model: PretrainedHandle, items: list, lengths: list[int], collate: 
     log.info("%s: %d steps in %.1f s (%.1f items/s); eval reward accuracy %.3f",
              params.get("name", "policy"), cfg.steps, result.seconds, result.items_per_second,
              eval_part.get("eval_rewards/accuracies", [float("nan")])[-1])
-    return model.cpu(), histories(train_part, result.log_steps) | histories(eval_part, eval_steps)
+    metrics = histories(train_part, result.log_steps) | histories(eval_part, eval_steps)
+    model = model.cpu()
+    model.training_history = metrics  # saved with the policy for the evaluation plots
+    return model, metrics
 
 
 def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
@@ -83,7 +97,7 @@ def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
     pairs ranked by the data's gold scores (the gold judge on the default data).
     """
     loss_fn = reward_aware_loss(params["distance"], params["beta"], params["eta"],
-                                params.get("average_logps", False))
+                                params.get("average_logps", False), params.get("sft_weight", 0.0))
     targets = reward_targets(groups, reward_scores, reward_stats, params["reward_source"],
                              params["reward_normalization"])
     items, lengths = group_items(tokenized, reference, targets, "train")

@@ -101,8 +101,9 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
              metrics["weight_bytes"] / 1e6,
              metrics["weight_bytes"] / metrics["weight_bytes_full_precision"])
     hist = histories({k: result.history[k] for k in ("loss", "accuracy", "margin")},
-                     result.log_steps)
-    return Fingerprinted(model, fp), hist | scalars(metrics)
+                     result.log_steps) | scalars(metrics)
+    model.training_history = hist  # saved with the adapter for the evaluation plots
+    return Fingerprinted(model, fp), hist
 
 
 def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer: PretrainedHandle,

@@ -1,0 +1,233 @@
+"""Generation evaluation: sample from π_ref and the trained policies, judge, compare.
+
+Kedro-free. For every held-out prompt each policy draws N completions with the same seeded sampling
+settings (and one greedy completion for the samples table). Completions are scored by a gold judge
+(VADER positivity on the default task), the reward model, and by their log-probability under the
+policy and under π_ref, which gives the sequence-level KL estimate
+
+    KL(π ‖ π_ref)(x) ≈ mean over y ~ π(·|x) of [log π(y|x) − log π_ref(y|x)]   (summed over tokens).
+
+The estimate is unbiased only for plain sampling (temperature 1, top-p 1, no top-k), the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from rpo_pipeline.batching import collate
+from rpo_pipeline.training import resolve_device
+
+Judge = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings shared by every policy (so their samples are comparable)."""
+
+    n_samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 48
+    batch_size: int = 64  # prompts per generate call (x n_samples sequences)
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> SamplingConfig:
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - valid)
+        if unknown:
+            raise ValueError(f"unknown sampling parameters {unknown}; valid: {sorted(valid)}")
+        return cls(**params)
+
+
+def eval_prompts(tokenized: pd.DataFrame, split: str = "test", max_prompts: int | None = None
+                 ) -> pd.DataFrame:
+    """One row per group of ``split``: group_id and the prompt's token ids (as in training)."""
+    rows = tokenized[(tokenized["split"] == split) & (tokenized["response_index"] == 0)]
+    rows = rows.sort_values("group_id", kind="stable")
+    if max_prompts is not None:
+        rows = rows.head(max_prompts)
+    prompt_ids = [list(ids[:start]) for ids, start in zip(rows["input_ids"], rows["response_start"],
+                                                            strict=True)]
+    return pd.DataFrame({"group_id": rows["group_id"].to_numpy(), "prompt_ids": prompt_ids})
+
+
+def _trim(tokens: Sequence[int], eos_id: int) -> list[int]:
+    """Generated tokens up to and including the first EOS (padding after it dropped)."""
+    out = []
+    for t in tokens:
+        out.append(int(t))
+        if t == eos_id:
+            break
+    return out
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+             eos_id: int, pad_id: int, greedy: bool = False, device: str = "auto",
+             progress: bool = True, desc: str = "generate"
+             ) -> tuple[list[list[list[int]]], list[list[float]]]:
+    """Completions (token ids, EOS included when produced) per prompt, N sampled or 1 greedy, and
+    their log-probabilities log π(y|x) under the model (from the raw logits, before any warping).
+
+    Prompts are left-padded in length-sorted batches; batch b is sampled after
+    ``torch.manual_seed(cfg.seed + b)``, so two policies given the same prompts draw with the same
+    random stream.
+    """
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    n = 1 if greedy else cfg.n_samples
+    order = np.argsort([-len(p) for p in prompts], kind="stable")
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    logps: list[list[float]] = [[] for _ in prompts]
+    starts = range(0, len(order), cfg.batch_size)
+    for b, i in enumerate(tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True)):
+        idx = order[i:i + cfg.batch_size]
+        batch = collate([prompts[j] for j in idx], [0] * len(idx), pad_id, padding_side="left")
+        torch.manual_seed(cfg.seed + b)
+        kwargs = ({"do_sample": False} if greedy else
+                  {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                   "top_k": cfg.top_k, "num_return_sequences": n})
+        seqs = model.generate(input_ids=batch["input_ids"].to(dev),
+                              attention_mask=batch["attention_mask"].to(dev),
+                              max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
+                              eos_token_id=eos_id, output_logits=True,
+                              return_dict_in_generate=True, **kwargs)
+        new = seqs.sequences[:, batch["input_ids"].shape[1]:]
+        # log-prob of each generated token under the untempered model; zero after the first EOS
+        logits = torch.stack(seqs.logits, 1).float()
+        tok_lp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        after_eos = (new == eos_id).long().cumsum(-1) - (new == eos_id).long() > 0
+        seq_lp = tok_lp.masked_fill(after_eos, 0.0).double().sum(-1).cpu().tolist()
+        new = new.cpu().tolist()
+        for k, j in enumerate(idx):
+            out[j] = [_trim(new[k * n + s], eos_id) for s in range(n)]
+            logps[j] = [seq_lp[k * n + s] for s in range(n)]
+    return out, logps
+
+
+@torch.inference_mode()
+def sequence_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                      completions: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64,
+                      device: str = "auto", progress: bool = False) -> np.ndarray:
+    """log π(y|x) summed over the completion tokens, for each (prompt, completion)."""
+    from rpo_pipeline.reference import score_responses
+
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+    logp, _ = score_responses(model, seqs, [len(p) for p in prompts], pad_id, batch_size, device,
+                              progress=progress)
+    return logp
+
+
+# ---- gold judges ----------------------------------------------------------------------------
+
+def vader_positivity(texts: Sequence[str]) -> np.ndarray:
+    """(compound + 1) / 2 of VADER on each text: 0 = most negative, 1 = most positive."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    sia = SentimentIntensityAnalyzer()
+    return np.array([(sia.polarity_scores(t)["compound"] + 1) / 2 for t in texts])
+
+
+def hf_classifier_positivity(model: str, batch_size: int = 32, device: str = "auto",
+                             positive_label: str = "POSITIVE") -> Judge:
+    """P(positive) from a sentiment classifier (a local path or a Hub id, e.g. the DPO paper's
+    ``siebert/sentiment-roberta-large-english``)."""
+    from transformers import pipeline
+
+    dev = resolve_device(device)
+    clf = pipeline("text-classification", model=model, device=dev, top_k=None)
+    labels = {v.upper(): k for k, v in clf.model.config.id2label.items()}
+    if positive_label.upper() not in labels:
+        raise ValueError(f"{model}: no {positive_label!r} label among "
+                         f"{sorted(clf.model.config.id2label.values())}; set "
+                         "evaluation.gold_judge_args.positive_label")
+
+    def judge(texts: list[str]) -> np.ndarray:
+        scores = clf(list(texts), batch_size=batch_size, truncation=True)
+        return np.array([next(s["score"] for s in row if s["label"].upper() == positive_label.upper())
+                         for row in scores])
+    return judge
+
+
+GOLD_JUDGES = ("vader", "none", "hf_classifier")
+
+
+def make_gold_judge(name: str, args: dict[str, Any] | None = None) -> Judge | None:
+    """The configured gold judge (None for ``none``)."""
+    args = dict(args or {})
+    if name == "vader":
+        return vader_positivity
+    if name == "none":
+        return None
+    if name == "hf_classifier":
+        if "model" not in args:
+            raise ValueError("evaluation.gold_judge hf_classifier needs gold_judge_args.model "
+                             "(a local path or Hub id of a sentiment classifier)")
+        return hf_classifier_positivity(**args)
+    raise ValueError(f"evaluation.gold_judge must be one of {list(GOLD_JUDGES)}, got {name!r}")
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+def win_rate(policy: np.ndarray, reference: np.ndarray) -> float:
+    """P(policy sample beats a reference sample of the same prompt), ties counting half.
+
+    ``policy`` and ``reference`` are (prompts, samples) score arrays; every policy sample is
+    compared with every reference sample of its prompt.
+    """
+    p, r = np.asarray(policy, float)[:, :, None], np.asarray(reference, float)[:, None, :]
+    return float(((p > r) + 0.5 * (p == r)).mean())
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams of lower-cased whitespace words, over all texts."""
+    grams: list[tuple[str, ...]] = []
+    for t in texts:
+        w = t.lower().split()
+        grams += [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def preference_accuracy(margins: np.ndarray) -> float:
+    """Share of pairs whose implicit reward margin favours the chosen response (ties half)."""
+    m = np.asarray(margins, float)
+    return float(((m > 0) + 0.5 * (m == 0)).mean()) if len(m) else float("nan")
+
+
+def policy_metrics(samples: pd.DataFrame, reference: str = "reference") -> pd.DataFrame:
+    """Per policy: the evaluation metrics over its sampled completions.
+
+    ``samples`` has one row per sampled completion: policy, group_id, sample, completion, tokens,
+    gold (NaN without a gold judge), rm, logp, ref_logp.
+    """
+    s = samples[samples["sample"] >= 0].sort_values(["policy", "group_id", "sample"], kind="stable")
+
+    def grid(policy: str, col: str) -> np.ndarray:
+        part = s[s["policy"] == policy]
+        return part[col].to_numpy(float).reshape(part["group_id"].nunique(), -1)
+
+    rows = []
+    for policy, part in s.groupby("policy", sort=False):
+        has_gold = part["gold"].notna().all()
+        rows.append({
+            "policy": policy,
+            "gold_reward_mean": part["gold"].mean() if has_gold else float("nan"),
+            "rm_score_mean": part["rm"].mean(),
+            "kl_to_reference": (part["logp"] - part["ref_logp"]).mean(),
+            "win_rate_gold": (win_rate(grid(policy, "gold"), grid(reference, "gold"))
+                              if has_gold else float("nan")),
+            "win_rate_rm": win_rate(grid(policy, "rm"), grid(reference, "rm")),
+            "length_mean": part["tokens"].mean(),
+            "distinct_2": distinct_n(part["completion"].tolist(), 2),
+            "samples": len(part),
+        })
+    return pd.DataFrame(rows)

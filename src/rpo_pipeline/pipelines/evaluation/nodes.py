@@ -1,0 +1,162 @@
+"""evaluation nodes: sample from each policy, score the samples, compare with the reference.
+
+Thin wrappers over ``rpo_pipeline.evaluation`` (generation, judges, metrics) and
+``rpo_pipeline.reporting`` (plots, Markdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rpo_pipeline import reporting
+from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.evaluation import (
+    SamplingConfig,
+    eval_prompts,
+    generate,
+    make_gold_judge,
+    policy_metrics,
+    preference_accuracy,
+    sequence_logprobs,
+)
+from rpo_pipeline.reward_model import score
+from rpo_pipeline.tracking import MetricsPayload, scalars
+
+log = logging.getLogger(__name__)
+REFERENCE = "reference"
+METRICS = ("gold_reward_mean", "rm_score_mean", "kl_to_reference", "win_rate_gold", "win_rate_rm",
+           "preference_accuracy", "length_mean", "distinct_2")
+
+
+def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
+                  params: dict[str, Any]) -> pd.DataFrame:
+    """N seeded samples and one greedy completion per test prompt, with log π(y|x).
+
+    One row per completion: group_id, sample (0..N-1; -1 = greedy), prompt_ids, completion_ids,
+    logp. Every policy gets the same prompts, settings and seeds.
+    """
+    t0 = time.perf_counter()
+    cfg = SamplingConfig.from_params(params["sampling"])
+    tok = tokenizer.load()
+    prompts = eval_prompts(tokenized, params["split"], params.get("max_prompts"))
+    ids = prompts["prompt_ids"].tolist()
+    lm = model.load()
+    name = model.path.name
+    sampled, s_logp = generate(lm, ids, cfg, tok.eos_token_id, tok.pad_token_id,
+                               device=params["device"], progress=params["progress"],
+                               desc=f"sample {name}")
+    greedy, g_logp = generate(lm, ids, cfg, tok.eos_token_id, tok.pad_token_id, greedy=True,
+                              device=params["device"], progress=params["progress"],
+                              desc=f"greedy {name}")
+    rows = []
+    for gid, p, samples, lps, g, glp in zip(prompts["group_id"], ids, sampled, s_logp, greedy,
+                                             g_logp, strict=True):
+        rows += [(gid, k, p, c, lp) for k, (c, lp) in enumerate(zip(samples, lps, strict=True))]
+        rows.append((gid, -1, p, g[0], glp[0]))
+    log.info("%s: %d prompts x %d samples + greedy in %.1f s", name, len(ids), cfg.n_samples,
+             time.perf_counter() - t0)
+    return pd.DataFrame(rows, columns=["group_id", "sample", "prompt_ids", "completion_ids", "logp"])
+
+
+def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHandle,
+                  tokenizer: PretrainedHandle, groups: pd.DataFrame, params: dict[str, Any],
+                  **samples: pd.DataFrame) -> pd.DataFrame:
+    """All policies' completions with text, gold score, reward-model score and log π_ref(y|x).
+
+    ``samples`` maps a policy name to its ``sample_policy`` table; ``reference`` must be one of
+    them (its log π_ref is its own log π).
+    """
+    t0 = time.perf_counter()
+    if REFERENCE not in samples:
+        raise ValueError(f"evaluation needs the {REFERENCE!r} samples, got {sorted(samples)}")
+    tok = tokenizer.load()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    table = pd.concat([s.assign(policy=name) for name, s in samples.items()], ignore_index=True)
+    comp = table["completion_ids"].map(list)
+    table["completion"] = tok.batch_decode(comp.tolist(), skip_special_tokens=True)
+    table["completion"] = table["completion"].str.strip()
+    table["tokens"] = comp.map(lambda c: len(c) - int(len(c) > 0 and c[-1] == eos))
+    table["finished"] = comp.map(lambda c: len(c) > 0 and c[-1] == eos)
+    prompts = groups.set_index("group_id")["prompt"]
+    table.insert(1, "prompt", prompts.reindex(table["group_id"]).to_numpy())
+
+    judge = make_gold_judge(params["gold_judge"], params.get("gold_judge_args"))
+    table["gold"] = judge(table["completion"].tolist()) if judge is not None else np.nan
+
+    seqs = [list(p) + c for p, c in zip(table["prompt_ids"], comp, strict=True)]
+    table["rm"] = score(reward_model.load(), seqs, pad, params["batch_size"])
+
+    table["ref_logp"] = table["logp"]
+    others = (table["policy"] != REFERENCE).to_numpy()
+    if others.any():
+        table.loc[others, "ref_logp"] = sequence_logprobs(
+            reference_model.load(), table.loc[others, "prompt_ids"].map(list).tolist(),
+            comp[others].tolist(), pad, params["batch_size"], params["device"])
+    table["kl"] = table["logp"] - table["ref_logp"]
+    log.info("scored %d completions of %s in %.1f s", len(table), list(samples),
+             time.perf_counter() - t0)
+    return table.drop(columns=["prompt_ids", "completion_ids"])
+
+
+def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle,
+                  tokenized: pd.DataFrame, pairs: pd.DataFrame, params: dict[str, Any],
+                  **policies: PretrainedHandle) -> dict[str, float]:
+    """Share of test pairs each policy's implicit reward β·log(π/π_ref) ranks right (ties half).
+
+    The reference's implicit reward is zero everywhere, so its accuracy is 0.5 by definition.
+    """
+    ids = tokenized.set_index(["group_id", "response_index"])["input_ids"]
+    starts = tokenized.set_index(["group_id", "response_index"])["response_start"]
+    p = pairs[pairs["split"] == params["split"]]
+    keys = [*zip(p["group_id"], p["chosen_index"], strict=True),
+            *zip(p["group_id"], p["rejected_index"], strict=True)]
+    seqs = [list(ids[k]) for k in keys]
+    prompts = [s[:starts[k]] for s, k in zip(seqs, keys, strict=True)]
+    comps = [s[starts[k]:] for s, k in zip(seqs, keys, strict=True)]
+    pad = tokenizer.load().pad_token_id
+
+    def logps(handle: PretrainedHandle) -> np.ndarray:
+        return sequence_logprobs(handle.load(), prompts, comps, pad, params["batch_size"],
+                                 params["device"])
+
+    ref = logps(reference_model)
+    n = len(p)
+    out = {REFERENCE: preference_accuracy(np.zeros(n))}
+    for name, handle in policies.items():
+        ratio = logps(handle) - ref
+        out[name] = preference_accuracy(ratio[:n] - ratio[n:])
+    log.info("test-pair preference accuracy (%d pairs): %s", n, out)
+    return out
+
+
+def summarize_evaluation(samples: pd.DataFrame, accuracy: dict[str, float], params: dict[str, Any]
+                         ) -> tuple[pd.DataFrame, pd.DataFrame, MetricsPayload]:
+    """Per-policy metrics (``evaluation.<policy>.<metric>`` in MLflow) and the samples table."""
+    metrics = policy_metrics(samples, REFERENCE)
+    metrics = metrics.sort_values("policy", key=lambda p: p != REFERENCE, kind="stable")
+    metrics["preference_accuracy"] = metrics["policy"].map(accuracy)
+    metrics = metrics[["policy", *METRICS, "samples"]]
+    payload: dict[str, float] = {}
+    for row in metrics.itertuples(index=False):
+        for m in METRICS:
+            value = getattr(row, m)
+            if pd.notna(value):  # no gold judge: no gold metrics
+                payload[f"{row.policy}.{m}"] = value
+    for row in metrics.itertuples(index=False):
+        log.info("evaluation %s: %s", row.policy,
+                 ", ".join(f"{m} {getattr(row, m):.3f}" for m in METRICS))
+    return metrics, reporting.samples_table(samples), scalars(payload)
+
+
+def report_evaluation(metrics: pd.DataFrame, samples: pd.DataFrame, reward_model: PretrainedHandle,
+                      params: dict[str, Any], **policies: PretrainedHandle) -> tuple[Any, Any, Any, str]:
+    """PNG figures (training curves, gold reward vs KL, win rates) and the Markdown summary."""
+    curves = {name: h.training_history() for name, h in policies.items()}
+    curves["reward_model"] = reward_model.training_history()
+    return (reporting.training_curves(curves), reporting.reward_vs_kl(samples, metrics),
+            reporting.win_rates(metrics), reporting.markdown_summary(metrics, samples, params))

@@ -1,0 +1,46 @@
+"""evaluation pipeline wiring (namespace ``evaluation``)."""
+
+from collections.abc import Sequence
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import pair_accuracy, report_evaluation, sample_policy, score_samples, summarize_evaluation
+
+SHARED = ["tokenizer", "tokenized_examples", "preference_groups", "preference_pairs", "sft_model",
+          "reward_model"]
+
+
+def create_pipeline(policies: Sequence[str] = ("dpo", "rpo"), **kwargs) -> Pipeline:
+    """Sample the reference (π_SFT) and each ``<policy>.policy_model``; score, compare, report."""
+    # inside the template a policy model is ``<p>_policy_model``; it is mapped to ``<p>.policy_model``
+    policy_models = {p: f"{p}_policy_model" for p in policies}
+    models = {"reference": "sft_model"} | policy_models
+    sampling = [
+        Node(sample_policy, inputs=[model, "tokenizer", "tokenized_examples", "params:evaluation"],
+             outputs=f"samples_{name}", name=f"sample_{name}")
+        for name, model in models.items()
+    ]
+    template = Pipeline([
+        *sampling,
+        Node(score_samples,
+             inputs={"reference_model": "sft_model", "reward_model": "reward_model",
+                     "tokenizer": "tokenizer", "groups": "preference_groups",
+                     "params": "params:evaluation"} | {n: f"samples_{n}" for n in models},
+             outputs="scored_samples", name="score_samples"),
+        Node(pair_accuracy,
+             inputs={"reference_model": "sft_model", "tokenizer": "tokenizer",
+                     "tokenized": "tokenized_examples", "pairs": "preference_pairs",
+                     "params": "params:evaluation"} | policy_models,
+             outputs="pair_accuracy", name="pair_accuracy"),
+        Node(summarize_evaluation, inputs=["scored_samples", "pair_accuracy", "params:evaluation"],
+             outputs=["policy_metrics", "samples_table", "metrics"], name="summarize_evaluation"),
+        Node(report_evaluation,
+             inputs={"metrics": "policy_metrics", "samples": "scored_samples",
+                     "reward_model": "reward_model", "params": "params:evaluation"} | policy_models,
+             outputs=["training_curves_plot", "reward_vs_kl_plot", "win_rates_plot", "summary"],
+             name="report_evaluation"),
+    ])
+    return Pipeline(template, namespace="evaluation",
+                    inputs={**{s: s for s in SHARED},
+                            **{f"{p}_policy_model": f"{p}.policy_model" for p in policies}},
+                    parameters={"params:evaluation"})

@@ -1,0 +1,65 @@
+"""The pipeline structure as kedro-viz exports it: every registered pipeline and node, with layers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STAGES = {
+    "data_processing": {"ingest_preferences", "split_by_prompt", "make_pairs", "build_base_model",
+                        "format_responses", "tokenize_responses", "summarize_data"},
+    "reference": {"train_sft", "build_reference_cache"},
+    "reward_model": {"train_reward_model", "score_responses_with_reward_model",
+                     "reward_normalization"},
+    "dpo": {"dpo.train_policy"},
+    "rpo": {"rpo.train_policy"},
+    "evaluation": {"evaluation.sample_reference", "evaluation.sample_dpo", "evaluation.sample_rpo",
+                   "evaluation.score_samples", "evaluation.pair_accuracy",
+                   "evaluation.summarize_evaluation", "evaluation.report_evaluation"},
+}
+# each stage's pipeline runs the stages it needs
+NEEDS = {"data_processing": [], "reference": ["data_processing"],
+         "reward_model": ["data_processing", "reference"],
+         "dpo": ["data_processing", "reference"],
+         "rpo": ["data_processing", "reference", "reward_model"],
+         "evaluation": list(STAGES)}
+LAYERS = ["raw", "intermediate", "primary", "feature", "model_input", "models", "model_output",
+          "policies", "evaluation", "reporting"]  # in data-flow order (a cycle would show none)
+
+
+def expected_nodes(pipeline: str) -> set[str]:
+    return set().union(*(STAGES[s] for s in [*NEEDS[pipeline], pipeline]))
+
+
+def test_registry_has_every_pipeline_and_node():
+    from kedro.framework.project import configure_project, pipelines
+
+    configure_project("rpo_pipeline")
+    assert set(pipelines) == {*STAGES, "__default__"}
+    for name in STAGES:
+        assert {n.name for n in pipelines[name].nodes} == expected_nodes(name), name
+    assert {n.name for n in pipelines["__default__"].nodes} == set().union(*STAGES.values())
+
+
+@pytest.mark.slow
+def test_kedro_viz_build_exports_every_pipeline_node_and_layer(project_copy: Path):
+    """`kedro viz build` (offline) writes the structure kedro-viz shows: check it is all there."""
+    kedro = shutil.which("kedro", path=str(Path(sys.executable).parent)) or "kedro"
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MLFLOW_TRACKING_URI": "sqlite:///:memory:"}
+    subprocess.run([kedro, "viz", "build"], cwd=project_copy, env=env, check=True,
+                   capture_output=True, timeout=300)
+    main = json.loads((project_copy / "build" / "api" / "main").read_text())
+    assert {p["id"] for p in main["pipelines"]} == {*STAGES, "__default__"}
+    task_names = {n["full_name"] for n in main["nodes"] if n["type"] == "task"}
+    assert task_names == set().union(*STAGES.values())
+    assert main["layers"] == LAYERS
+    for name in STAGES:
+        api = json.loads((project_copy / "build" / "api" / "pipelines" / name).read_text())
+        names = {n["full_name"] for n in api["nodes"] if n["type"] == "task"}
+        assert names == expected_nodes(name), name
