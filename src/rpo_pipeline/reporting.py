@@ -74,7 +74,8 @@ def training_curves(histories: Mapping[str, Mapping[str, list[dict[str, float]]]
         if y:
             ax_acc.plot([max(_series(hist, "loss")[0] or [0])], y, "s", color=c, ms=8,
                         label=f"{name} val")
-    ax_loss.set(title="Training loss", xlabel="optimizer step", ylabel="loss", yscale="log")
+    ax_loss.set(title="Training loss (as optimised, incl. any SFT term)", xlabel="optimizer step",
+                ylabel="loss", yscale="log")
     ax_acc.set(title="Reward accuracy (chosen ranked above rejected)", xlabel="optimizer step",
                ylabel="accuracy", ylim=(0.4, 1.02))
     for ax in (ax_loss, ax_acc):
