@@ -224,3 +224,14 @@ def test_unknown_gold_judge_fails_when_the_context_is_created():
     with pytest.raises(ValueError, match=r"evaluation.gold_judge: unknown judge 'gpt4'; valid: \['vader'"):
         ValidateParameters().after_context_created(
             SimpleNamespace(params={"evaluation": {"gold_judge": "gpt4"}}))
+
+
+def test_without_a_gold_judge_reports_use_the_reward_model():
+    samples = _samples().assign(gold=np.nan)
+    metrics = policy_metrics(samples).assign(preference_accuracy=[0.5, 0.9])
+    assert metrics["gold_reward_mean"].isna().all() and metrics["win_rate_gold"].isna().all()
+    assert metrics.set_index("policy").loc["dpo", "win_rate_rm"] == pytest.approx(7.5 / 8)
+    ax = reporting.reward_vs_kl(samples, metrics).axes[0]
+    assert ax.get_ylabel() == "reward-model score (mean)"
+    bars = reporting.win_rates(metrics).axes[0]
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == ["tie with reference", "reward model"]
