@@ -13,7 +13,7 @@ The estimate is unbiased only for plain sampling (temperature 1, top-p 1, no top
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rpo_pipeline.batching import collate
-from rpo_pipeline.training import resolve_device
+from rpo_pipeline.training import config_from_params, resolve_device
 
 Judge = Callable[[list[str]], np.ndarray]
 
@@ -41,11 +41,8 @@ class SamplingConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> SamplingConfig:
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - valid)
-        if unknown:
-            raise ValueError(f"unknown sampling parameters {unknown}; valid: {sorted(valid)}")
-        return cls(**params)
+        """Build from ``evaluation.sampling``; unknown keys fail with the list of valid ones."""
+        return config_from_params(cls, "sampling", params)
 
 
 def eval_prompts(tokenized: pd.DataFrame, split: str = "test", max_prompts: int | None = None

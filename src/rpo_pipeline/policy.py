@@ -16,20 +16,27 @@ from rpo_pipeline.batching import collate
 KEY = ["group_id", "response_index"]
 
 
+def pair_sides(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
+               reference: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Chosen and rejected rows of each pair of ``split``, aligned row by row: group_id,
+    response_index, input_ids, response_start (and ref_logp from ``reference``, NaN if missing)."""
+    seqs = tokenized[[*KEY, "input_ids", "response_start"]]
+    if reference is not None:
+        seqs = seqs.merge(reference[[*KEY, "ref_logp"]], on=KEY, how="left")
+    p = pairs[pairs["split"] == split]
+    chosen, rejected = (
+        p[["group_id", f"{side}_index"]].rename(columns={f"{side}_index": "response_index"})
+        .merge(seqs, on=KEY, how="left") for side in ("chosen", "rejected"))
+    return chosen, rejected
+
+
 def preference_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd.DataFrame,
                      split: str) -> tuple[list[tuple], list[int]]:
     """One item per pair of ``split``: (ids_w, start_w, ids_l, start_l, ref_w, ref_l).
 
     Fails when a response has no cached reference log-prob (the cache is stale or partial).
     """
-    seqs = tokenized[[*KEY, "input_ids", "response_start"]].merge(
-        reference[[*KEY, "ref_logp"]], on=KEY, how="left")
-    p = pairs[pairs["split"] == split]
-    rows = []
-    for side in ("chosen", "rejected"):
-        side_rows = p[["group_id", f"{side}_index"]].rename(columns={f"{side}_index": "response_index"})
-        rows.append(side_rows.merge(seqs, on=KEY, how="left"))
-    w, lo = rows
+    w, lo = pair_sides(tokenized, pairs, split, reference)
     missing = w["ref_logp"].isna() | lo["ref_logp"].isna()
     if missing.any():
         raise ValueError(f"{int(missing.sum())} {split} pairs have no cached reference log-prob "

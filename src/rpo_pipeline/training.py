@@ -29,6 +29,15 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
 
+def config_from_params(cls: type, what: str, params: Mapping[str, Any]) -> Any:
+    """A config dataclass from a parameter dict; unknown keys fail with the list of valid ones."""
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ValueError(f"unknown {what} parameters {unknown}; valid: {sorted(valid)}")
+    return cls(**params)
+
+
 @dataclass
 class TrainConfig:
     steps: int
@@ -52,12 +61,7 @@ class TrainConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> TrainConfig:
         """Build from a parameter dict; unknown keys fail with the list of valid ones."""
-        valid = {f.name for f in fields(cls)}
-        merged = {**params, **overrides}
-        unknown = sorted(set(merged) - valid)
-        if unknown:
-            raise ValueError(f"unknown training parameters {unknown}; valid: {sorted(valid)}")
-        return cls(**merged)
+        return config_from_params(cls, "training", {**params, **overrides})
 
 
 @dataclass

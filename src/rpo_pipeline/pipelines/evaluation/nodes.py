@@ -24,6 +24,7 @@ from rpo_pipeline.evaluation import (
     preference_accuracy,
     sequence_logprobs,
 )
+from rpo_pipeline.policy import pair_sides
 from rpo_pipeline.reward_model import score
 from rpo_pipeline.tracking import MetricsPayload, scalars
 
@@ -110,14 +111,10 @@ def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle
 
     The reference's implicit reward is zero everywhere, so its accuracy is 0.5 by definition.
     """
-    ids = tokenized.set_index(["group_id", "response_index"])["input_ids"]
-    starts = tokenized.set_index(["group_id", "response_index"])["response_start"]
-    p = pairs[pairs["split"] == params["split"]]
-    keys = [*zip(p["group_id"], p["chosen_index"], strict=True),
-            *zip(p["group_id"], p["rejected_index"], strict=True)]
-    seqs = [list(ids[k]) for k in keys]
-    prompts = [s[:starts[k]] for s, k in zip(seqs, keys, strict=True)]
-    comps = [s[starts[k]:] for s, k in zip(seqs, keys, strict=True)]
+    chosen, rejected = pair_sides(tokenized, pairs, params["split"])
+    both = pd.concat([chosen, rejected], ignore_index=True)
+    prompts = [list(ids[:s]) for ids, s in zip(both["input_ids"], both["response_start"], strict=True)]
+    comps = [list(ids[s:]) for ids, s in zip(both["input_ids"], both["response_start"], strict=True)]
     pad = tokenizer.load().pad_token_id
 
     def logps(handle: PretrainedHandle) -> np.ndarray:
@@ -125,7 +122,7 @@ def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle
                                  params["device"])
 
     ref = logps(reference_model)
-    n = len(p)
+    n = len(chosen)
     out = {REFERENCE: preference_accuracy(np.zeros(n))}
     for name, handle in policies.items():
         ratio = logps(handle) - ref
