@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -147,3 +148,42 @@ def test_cosmetic_parameters_do_not_change_fingerprints():
     b = {"lr": 1e-3, "progress": False, "log_every": 50, "nested": {"x": 1}}
     assert fingerprint(result_params(a)) == fingerprint(result_params(b))
     assert fingerprint(result_params(a)) != fingerprint(result_params({**b, "lr": 2e-3}))
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda d: (d / "fingerprint.json").write_text("{not json"), r"JSONDecodeError"),
+    (lambda d: (d / "fingerprint.json").write_text('{"fp": "x"}'), r"KeyError: 'fingerprint'"),
+    (lambda d: (d / "fingerprint.json").write_text('{"fingerprint": 3}'), r"'fingerprint' is 3"),
+    (lambda d: (d / "fingerprint.json").unlink(), r"has no fingerprint.json"),
+])
+def test_unreadable_stored_fingerprint_warns_with_the_reason(tmp_path, caplog, damage, reason):
+    from rpo_pipeline.datasets import read_stored_fingerprint
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "weights.bin").write_bytes(b"w")
+    (d / "fingerprint.json").write_text('{"fingerprint": "abc"}')
+    assert read_stored_fingerprint(d) == "abc" and not caplog.records
+    damage(d)
+    with caplog.at_level("WARNING", logger="rpo_pipeline.datasets"):
+        assert read_stored_fingerprint(d) is None
+    assert any(r.levelname == "WARNING" and re.search(reason, r.getMessage()) and "recomputing" in
+               r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_parquet_fingerprint_warnings_and_a_first_run_is_silent(tmp_path, caplog):
+    from rpo_pipeline.datasets import read_stored_fingerprint
+
+    with caplog.at_level("WARNING"):
+        assert read_stored_fingerprint(tmp_path / "absent.parquet") is None
+        assert read_stored_fingerprint(tmp_path / "absent_dir") is None
+    assert not caplog.records  # nothing stored yet: the normal first run
+    table = tmp_path / "t.parquet"
+    table.write_bytes(b"PAR1 damaged")
+    with caplog.at_level("WARNING"):
+        assert read_stored_fingerprint(table) is None
+    assert "cannot read the stored fingerprint (ArrowInvalid" in caplog.records[-1].getMessage()
+    pd.DataFrame({"a": [1]}).to_parquet(table)
+    with caplog.at_level("WARNING"):
+        assert read_stored_fingerprint(table) is None
+    assert "has no stored fingerprint in its metadata" in caplog.records[-1].getMessage()

@@ -126,6 +126,31 @@ def test_policy_loss_uses_cached_reference_and_reports_trl_metrics():
     assert model.logits.grad.abs().sum() > 0
 
 
+def test_ipo_metrics_use_the_per_token_averaged_log_ratios_of_its_loss():
+    """With ipo, rewards/* come from the log-ratios the loss uses (averaged per response token)."""
+    torch.manual_seed(0)
+    model = TableLM()
+    # responses of different lengths (chosen 2 and 4 tokens, rejected 1 and 3)
+    items = [([1, 2, 3, 4], 2, [1, 2, 5], 2, -3.0, -2.0), ([0, 3, 3, 2, 1], 1, [0, 3, 1, 1], 1, -4.0, -9.0)]
+    batch = policy_collate(pad_id=0)(items)
+    beta = 0.5
+    loss, m = preference_loss("ipo", beta)(model, batch)
+    logp, n, _ = response_logprobs(model, batch)
+    logp, n = logp.detach(), n.double()
+    ref = torch.tensor([-3.0, -4.0, -2.0, -9.0], dtype=torch.float64)
+    avg_ratio = (logp - ref) / n
+    assert n.tolist() == [2, 4, 1, 3]
+    delta = avg_ratio[:2] - avg_ratio[2:]
+    assert loss.item() == pytest.approx(((delta - 1 / (2 * beta)) ** 2).mean().item())
+    assert m["rewards/chosen"] == pytest.approx((beta * avg_ratio[:2]).mean().item())
+    assert m["rewards/rejected"] == pytest.approx((beta * avg_ratio[2:]).mean().item())
+    assert m["rewards/margins"] == pytest.approx((beta * delta).mean().item())
+    assert m["rewards/accuracies"] == pytest.approx((delta > 0).double().mean().item())
+    summed = logp - ref  # what the metrics were before: they must differ here
+    assert m["rewards/margins"] != pytest.approx((beta * (summed[:2] - summed[2:])).mean().item())
+    assert m["logps/chosen"] == pytest.approx(logp[:2].mean().item())  # log-probs stay summed
+
+
 def test_disable_dropout_makes_train_mode_log_probs_equal_eval_mode():
     """Policy log-probs in training must be comparable with the cached (eval-mode) π_ref's."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from rpo_pipeline.fingerprint import FINGERPRINT_FILE, HISTORY_FILE, CacheHit, F
 from rpo_pipeline.preference_data import read_preference_files
 
 PARQUET_FINGERPRINT_KEY = b"rpo_pipeline.fingerprint"
+log = logging.getLogger(__name__)
 
 
 class PreferenceFileDataset(AbstractDataset[None, pd.DataFrame]):
@@ -191,16 +193,34 @@ def _check_cache_hit(path: Path, hit: CacheHit) -> None:
 
 
 def read_stored_fingerprint(path: str | Path) -> str | None:
-    """The fingerprint stored with a model directory or a Parquet table, or None."""
+    """The fingerprint stored with a model directory or a Parquet table, or None.
+
+    Nothing stored yet is the normal first run (None, silently). A stored fingerprint that cannot
+    be read (a damaged ``fingerprint.json``, an unreadable Parquet footer) logs a warning with the
+    reason, and the stage recomputes.
+    """
     p = Path(path)
     try:
         if p.is_dir():
-            return json.loads((p / FINGERPRINT_FILE).read_text())["fingerprint"]
+            f = p / FINGERPRINT_FILE
+            if not f.exists():
+                if any(p.iterdir()):
+                    log.warning("%s has no %s: recomputing it", p, FINGERPRINT_FILE)
+                return None
+            value = json.loads(f.read_text())["fingerprint"]
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"'fingerprint' is {value!r}, expected a non-empty string")
+            return value
         if p.is_file():
             meta = pq.read_schema(p).metadata or {}
             value = meta.get(PARQUET_FINGERPRINT_KEY)
-            return value.decode() if value else None
-    except (OSError, ValueError, KeyError, pa.ArrowException):
+            if value is None:
+                log.warning("%s has no stored fingerprint in its metadata: recomputing it", p)
+                return None
+            return value.decode()
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, pa.ArrowException) as e:
+        log.warning("%s: cannot read the stored fingerprint (%s: %s); recomputing it", p,
+                    type(e).__name__, e)
         return None
     return None
 

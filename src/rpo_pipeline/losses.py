@@ -80,7 +80,10 @@ def preference_loss(name: str, beta: float, label_smoothing: float = 0.0, sft_we
 
     One forward scores chosen and rejected (chosen rows first); reference log-probs come with the
     batch (from the cache). Adds ``sft_weight`` × the NLL of the chosen responses when non-zero.
-    Metrics use TRL's names: rewards/chosen = β·(log π − log π_ref) of the chosen responses, etc.
+    Metrics use TRL's names: rewards/chosen = β·(log π − log π_ref) of the chosen responses, etc.,
+    from the same log-ratios as the loss: per-token averaged for ``ipo`` (so rewards/margins is
+    β·Δ of the loss and rewards/accuracies counts Δ > 0). TRL 1.16 logs summed log-ratios for ipo
+    while its loss averages; older TRL averaged both. ``logps/*`` are summed log-probs throughout.
     """
     if name not in PAIR_LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {sorted(PAIR_LOSSES)}")
@@ -99,7 +102,7 @@ def preference_loss(name: str, beta: float, label_smoothing: float = 0.0, sft_we
         loss = pair_loss(delta, beta, label_smoothing).mean()
         if sft_weight:
             loss = loss + sft_weight * (-logp[:b].sum() / n_tokens[:b].sum().clamp(min=1))
-        rewards = beta * (logp - ref).detach()
+        rewards = beta * ratio.detach()
         r_c, r_r = rewards[:b], rewards[b:]
         return loss, {
             "rewards/chosen": float(r_c.mean()), "rewards/rejected": float(r_r.mean()),
