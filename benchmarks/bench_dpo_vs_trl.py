@@ -27,8 +27,9 @@ SFT, TOK = "data/06_models/sft_model", "data/06_models/tokenizer"
 
 def ours(items, lengths, pad_id, steps, batch) -> float:
     model = AutoModelForCausalLM.from_pretrained(SFT)
-    cfg = TrainConfig(steps=steps, lr=5e-4, batch_size=batch, warmup_steps=4, schedule="cosine",
-                      max_grad_norm=1.0, progress=False, device="cpu", log_every=steps)
+    cfg = TrainConfig(steps=steps, lr=5e-4, batch_size=batch, grad_accum=1, warmup_steps=4,
+                      schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, seed=0,
+                      log_every=steps, progress=False, device="cpu")
     res = train(model, items, lengths, policy_collate(pad_id), preference_loss("sigmoid", 0.1), cfg)
     return steps * batch / res.seconds
 

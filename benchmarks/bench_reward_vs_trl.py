@@ -19,6 +19,7 @@ import torch
 
 from rpo_pipeline.base_model import BUILTIN_TINY_GPT2, make_base_model
 from rpo_pipeline.losses import reward_pair_loss
+from rpo_pipeline.params import BaseModelParams
 from rpo_pipeline.pipelines.reward_model.nodes import pair_items
 from rpo_pipeline.preference_data import assign_splits, groups_to_pairs, ingest, read_preference_files
 from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, pair_collate
@@ -59,8 +60,10 @@ def main() -> None:
     pairs = groups_to_pairs(groups)
     train_g = groups[groups["split"] == "train"]
     texts = [t for r in train_g.itertuples() for t in [r.prompt, *r.responses]]
-    params = {"name_or_path": BUILTIN_TINY_GPT2, "seed": 0, "tokenizer": {"vocab_size": 4096},
-              "model": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256}}
+    params = BaseModelParams(name_or_path=BUILTIN_TINY_GPT2, seed=0,
+                             tokenizer={"vocab_size": 4096, "min_frequency": 2},
+                             model={"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256},
+                             chat_template=None, load_args={})
     model, tok = make_base_model(params, ["prompt : [SEP] response :"] * 20 + texts)
     tokenized = tokenize_examples(format_groups(groups), tok, 96, 128)
     items, lengths, _ = pair_items(tokenized, pairs, "train")
@@ -81,9 +84,9 @@ def main() -> None:
         col, loss_fn = pair_collate(tok.pad_token_id), reward_pair_loss()
         t0 = time.perf_counter()
         train(ours, items, lengths, col, loss_fn,
-              TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, warmup_steps=10,
-                          schedule="cosine", max_grad_norm=1.0, seed=0, progress=False,
-                          device="cpu"))
+              TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, grad_accum=1,
+                          warmup_steps=10, schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
+                          seed=0, log_every=10, progress=False, device="cpu"))
         ours_s = time.perf_counter() - t0
         ours_acc = evaluate(ours, test_items, test_lengths, col, loss_fn, 32, "cpu")["accuracy"]
         print(f"ours done: accuracy {ours_acc:.4f} in {ours_s:.1f} s", flush=True)

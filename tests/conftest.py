@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +18,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
 DEFAULT_DATA = ROOT / "data" / "01_raw" / "sentiment_reviews.jsonl"
+
+
+def base_params(group: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parameter group ``group`` as conf/base defines it (the only source of defaults), with
+    dotted-key ``overrides`` applied like ``--params`` (``{"train.steps": 3}``)."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(ROOT / "conf" / "base" / f"parameters_{group}.yml")
+    params = copy.deepcopy(OmegaConf.to_container(conf)[group])
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return params
+
+
+def train_config(**overrides: Any):
+    """A ``TrainConfig`` for unit tests: conf/base's ``reward_model.train`` block (plain training:
+    no evaluation, checkpoints or bf16) on the CPU without a progress bar, plus ``overrides``."""
+    from rpo_pipeline.training import TrainConfig
+
+    return TrainConfig(**{**base_params("reward_model")["train"], "device": "cpu", "progress": False,
+                          **overrides})
 
 
 class TableLM(torch.nn.Module):
@@ -60,6 +87,18 @@ def project_copy(tmp_path, monkeypatch) -> Path:
     return dst
 
 
+def nest_params(dotted: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"a.b": v}`` -> ``{"a": {"b": v}}``, as ``kedro run --params a.b=v`` passes them."""
+    nested: dict[str, Any] = {}
+    for key, value in (dotted or {}).items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
 def run_kedro(project: Path, pipelines: list[str], env: str | None = None,
               runtime_params: dict | None = None) -> dict:
     """Run pipelines in-process like `kedro run --pipelines=... --env=... --params=a.b=v,...`."""
@@ -69,15 +108,9 @@ def run_kedro(project: Path, pipelines: list[str], env: str | None = None,
 
     while mlflow.active_run():  # a stale run from an earlier in-process session
         mlflow.end_run()
-    nested: dict = {}
-    for key, value in (runtime_params or {}).items():  # "a.b": v -> {"a": {"b": v}}, as --params
-        *parents, leaf = key.split(".")
-        node = nested
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
     bootstrap_project(project)
-    with KedroSession.create(project_path=project, env=env, runtime_params=nested) as s:
+    with KedroSession.create(project_path=project, env=env,
+                             runtime_params=nest_params(runtime_params)) as s:
         return s.run(pipeline_names=pipelines)
 
 

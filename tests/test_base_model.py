@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import base_params
 
-from rpo_pipeline.base_model import BUILTIN_TINY_GPT2, make_base_model
+from rpo_pipeline.base_model import make_base_model
 from rpo_pipeline.datasets import PretrainedDirDataset
+from rpo_pipeline.params import BaseModelParams
 
 TEXTS = ["the film was wonderful and the acting superb", "a dull and tedious plot",
          "prompt : [SEP] response :"] * 50
-PARAMS = {"name_or_path": BUILTIN_TINY_GPT2, "seed": 3, "tokenizer": {"vocab_size": 400},
-          "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}
+PARAMS = BaseModelParams.parse(base_params("base_model", {
+    "seed": 3, "tokenizer.vocab_size": 400,
+    "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}))
 
 
 def test_builtin_model_matches_config_and_is_seeded():

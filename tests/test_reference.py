@@ -6,23 +6,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DEFAULT_DATA
+from conftest import DEFAULT_DATA, base_params, train_config
 
-from rpo_pipeline.base_model import BUILTIN_TINY_GPT2, make_base_model
+from rpo_pipeline.base_model import make_base_model
 from rpo_pipeline.batching import collate, response_logprobs
 from rpo_pipeline.datasets import FingerprintedParquetDataset, PretrainedDirDataset
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted
 from rpo_pipeline.losses import sft_nll
+from rpo_pipeline.params import BaseModelParams, ReferenceParams
 from rpo_pipeline.pipelines.reference.nodes import build_reference_cache, train_sft
 from rpo_pipeline.preference_data import assign_splits, groups_to_pairs, ingest, read_preference_files
 from rpo_pipeline.reference import score_responses, select_examples, sft_collate
 from rpo_pipeline.text_format import format_groups, tokenize_examples
-from rpo_pipeline.training import TrainConfig, evaluate, train
+from rpo_pipeline.training import evaluate, train
 
-TINY = {"name_or_path": BUILTIN_TINY_GPT2, "seed": 0, "tokenizer": {"vocab_size": 1024},
-        "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}
-DATA_PARAMS = {"template": "prompt : {prompt} [SEP] response : {response}",
-               "use_chat_template": False, "max_prompt_length": 48, "max_length": 96}
+TINY = BaseModelParams.parse(base_params("base_model", {
+    "tokenizer.vocab_size": 1024, "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}))
+DATA_PARAMS = base_params("data_processing", {"max_prompt_length": 48, "max_length": 96})
+REF_PARAMS = base_params("reference", {"device": "cpu", "sft.progress": False})
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,7 @@ def test_sft_learns_on_held_out_data(data):
     col = sft_collate(data["tok"].pad_token_id)
     before = evaluate(model, _items(va), va["length"].tolist(), col, sft_nll, 64)["loss"]
     res = train(model, _items(tr), tr["length"].tolist(), col, sft_nll,
-                TrainConfig(steps=40, lr=3e-3, batch_size=16, warmup_steps=5, progress=False,
-                            log_every=10))
+                train_config(steps=40, lr=3e-3, batch_size=16, warmup_steps=5, log_every=10))
     after = evaluate(model, _items(va), va["length"].tolist(), col, sft_nll, 64)["loss"]
     assert res.history["loss"][-1] < res.history["loss"][0]
     assert after < before - 1.0, (before, after)
@@ -116,9 +116,8 @@ def test_prompt_response_boundary_token_is_scored(data):
 
 def test_sft_and_cache_nodes_hit_when_inputs_are_unchanged(data, saved):
     base, tok, root = saved
-    params = {"device": "cpu", "logprobs": {"batch_size": 32},
-              "sft": {"responses": "all", "steps": 3, "batch_size": 8, "lr": 1e-3,
-                      "progress": False}}
+    params = base_params("reference", {"device": "cpu", "logprobs.batch_size": 32, "sft.steps": 3,
+                                       "sft.batch_size": 8, "sft.lr": 1e-3, "sft.progress": False})
     sft_ds = PretrainedDirDataset(str(root / "sft_model"))
     cache_ds = FingerprintedParquetDataset(str(root / "ref.parquet"))
     tokenized, pairs = data["tokenized"], data["pairs"]
@@ -157,8 +156,7 @@ def test_sft_and_cache_nodes_hit_when_inputs_are_unchanged(data, saved):
 
 def test_sft_steps_zero_keeps_the_base_model(data, saved):
     base, tok, _ = saved
-    params = {"device": "cpu", "sft": {"responses": "all", "steps": 0, "batch_size": 8,
-                                       "lr": 1e-3}}
+    params = base_params("reference", {"device": "cpu", "sft.steps": 0})
     out, m = train_sft(base, tok, data["tokenized"], data["pairs"], None, params)
     ref = out.value
     for (n1, p1), (_, p2) in zip(ref.named_parameters(), data["model"].named_parameters(), strict=True):
@@ -166,15 +164,14 @@ def test_sft_steps_zero_keeps_the_base_model(data, saved):
     assert "sft_loss" not in m
 
 
-def test_unknown_training_parameter_fails_with_valid_names():
-    with pytest.raises(ValueError, match=r"unknown training parameters \['learning_rate'\]; valid:"):
-        TrainConfig.from_params({"steps": 1, "lr": 1.0, "learning_rate": 2})
+def test_unknown_training_parameter_fails_with_the_nearest_valid_name():
+    with pytest.raises(ValueError, match=r"reference.sft.learning_rate: unknown key; did you mean lr\?"):
+        ReferenceParams.parse(base_params("reference", {"sft.learning_rate": 2}))
 
 
 def test_cache_table_has_no_test_split(data, saved):
     base, tok, _ = saved
-    out, _ = build_reference_cache(base, tok, data["tokenized"], None, DATA_PARAMS,
-                                   {"device": "cpu", "logprobs": {"batch_size": 64}})
+    out, _ = build_reference_cache(base, tok, data["tokenized"], None, DATA_PARAMS, REF_PARAMS)
     assert set(out.value["split"]) == {"train", "val"}
     assert isinstance(out.value, pd.DataFrame)
 
@@ -184,12 +181,13 @@ def test_policy_training_with_lora_reads_only_the_cache_and_merges(data, saved):
     from rpo_pipeline.pipelines.policy_training.nodes import train_policy
 
     base, tok, _ = saved
-    ref, _ = build_reference_cache(base, tok, data["tokenized"], None, DATA_PARAMS,
-                                   {"device": "cpu", "logprobs": {"batch_size": 64}})
-    params = {"name": "dpo", "loss": "sigmoid", "beta": 0.1, "device": "cpu",
-              "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]},
-              "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "progress": False, "log_every": 2,
-                        "eval_every": 3}}
+    ref, _ = build_reference_cache(base, tok, data["tokenized"], None, DATA_PARAMS, REF_PARAMS)
+    params = base_params("dpo", {
+        "beta": 0.1, "sft_weight": 0.0, "device": "cpu",
+        "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]},
+        "train.steps": 6, "train.batch_size": 8, "train.lr": 1e-2, "train.warmup_steps": 0,
+        "train.progress": False, "train.log_every": 2, "train.eval_every": 3,
+        "train.checkpoint_every": 0, "train.checkpoint_dir": None})
     policy, metrics = train_policy(base, tok, data["tokenized"], data["pairs"], ref.value, params)
     assert not hasattr(policy, "peft_config")  # merged back into a plain causal LM
     moved = [n for (n, p), (_, q) in zip(policy.named_parameters(), data["model"].named_parameters(),

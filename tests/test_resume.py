@@ -1,4 +1,5 @@
-"""Checkpoints: a run killed with SIGKILL and resumed ends with the same weights; NaN stops cleanly."""
+"""Checkpoints: a run killed with SIGKILL and resumed ends with the same weights; a NaN loss or
+gradient stops cleanly before the optimizer step, keeping the last good checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import TableLM, train_config
+
+from rpo_pipeline.training import CHECKPOINT_STATE, train
 
 WORKER = str(Path(__file__).with_name("train_worker.py"))
 STEPS = 120
@@ -60,3 +65,40 @@ def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
     assert "FloatingPointError" in res.stderr and "at step 11" in res.stderr
     assert "last good checkpoint" in res.stderr
     assert _step(out) == 10 and not (out / "final.pt").exists()
+
+
+def test_nan_gradient_with_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan_grad"
+    res = _run(out, False, "21", "grad")
+    assert res.returncode != 0
+    assert "FloatingPointError" in res.stderr and "gradient norm is nan at step 11" in res.stderr
+    assert "last good checkpoint" in res.stderr
+    assert _step(out) == 10 and not (out / "final.pt").exists()
+    # the checkpoint loads with weights_only=True (no pickled code in it)
+    state = torch.load(out / "ckpt" / "last" / CHECKPOINT_STATE, weights_only=True)
+    assert state["step"] == 10 and set(state) >= {"optimizer", "scheduler", "torch_rng", "history"}
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_gradient_skips_the_optimizer_step(bad):
+    """In process: at the bad step the error comes before any weight moves."""
+    torch.manual_seed(0)
+    model = TableLM()
+    items = [([1, 2, 3, 4], 1)] * 8
+    seen = {"calls": 0, "before": None}
+
+    def loss_fn(m, batch):
+        seen["calls"] += 1
+        loss = -torch.log_softmax(m.logits[batch["input_ids"][:, :-1]], -1).mean()
+        if seen["calls"] == 3:  # a finite loss whose gradient is nan or inf
+            seen["before"] = m.logits.detach().clone()
+            x = m.logits * 1.0
+            x.register_hook(lambda g: torch.full_like(g, float(bad)))
+            return -torch.log_softmax(x[batch["input_ids"][:, :-1]], -1).mean(), {}
+        return loss, {}
+
+    from rpo_pipeline.reference import sft_collate
+
+    with pytest.raises(FloatingPointError, match=r"gradient norm is (nan|inf) at step 3"):
+        train(model, items, [4] * 8, sft_collate(0), loss_fn, train_config(steps=5, batch_size=2, lr=0.1))
+    assert torch.equal(model.logits.detach(), seen["before"])

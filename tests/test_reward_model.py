@@ -7,19 +7,20 @@ import math
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import DEFAULT_DATA
+from conftest import DEFAULT_DATA, base_params, train_config
 
-from rpo_pipeline.base_model import BUILTIN_TINY_GPT2, make_base_model
+from rpo_pipeline.base_model import make_base_model
 from rpo_pipeline.datasets import PretrainedDirDataset
 from rpo_pipeline.losses import bradley_terry, reward_pair_loss
+from rpo_pipeline.params import BaseModelParams
 from rpo_pipeline.pipelines.reward_model.nodes import pair_items
 from rpo_pipeline.preference_data import assign_splits, groups_to_pairs, ingest, read_preference_files
 from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, load_backbone, pair_collate, score
 from rpo_pipeline.text_format import format_groups, tokenize_examples
-from rpo_pipeline.training import TrainConfig, evaluate, train
+from rpo_pipeline.training import evaluate, train
 
-TINY = {"name_or_path": BUILTIN_TINY_GPT2, "seed": 0, "tokenizer": {"vocab_size": 1024},
-        "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}
+TINY = BaseModelParams.parse(base_params("base_model", {
+    "tokenizer.vocab_size": 1024, "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_backbone_is_4bit_and_only_lora_and_head_learn(setup):
 
     items, lengths, _ = pair_items(setup["tokenized"], setup["pairs"], "train")
     train(model, items, lengths, pair_collate(setup["tok"].pad_token_id), reward_pair_loss(),
-          TrainConfig(steps=2, lr=1e-2, batch_size=8, progress=False, device="cpu"))
+          train_config(steps=2, lr=1e-2, batch_size=8, warmup_steps=0))
     assert all(torch.equal(frozen[id(m)], m.weight.data) for m in linear4)
     changed = [n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(lora[n], p)]
     assert changed, "LoRA weights did not move"
@@ -77,8 +78,7 @@ def test_reward_model_learns_and_survives_save_load(setup, tmp_path):
     items, lengths, _ = pair_items(setup["tokenized"], setup["pairs"], "train")
     val, val_len, _ = pair_items(setup["tokenized"], setup["pairs"], "val")
     res = train(model, items, lengths, col, loss_fn,
-                TrainConfig(steps=200, lr=3e-3, batch_size=16, warmup_steps=10, progress=False,
-                            log_every=10, device="cpu"))
+                train_config(steps=200, lr=3e-3, batch_size=16, warmup_steps=10, log_every=10))
     assert res.history["loss"][-1] < res.history["loss"][0]
     acc = evaluate(model, val, val_len, col, loss_fn, 32, "cpu")["accuracy"]
     assert acc > 0.75, acc  # held-out pairs; chance is 0.5

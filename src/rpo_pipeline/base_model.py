@@ -6,7 +6,7 @@ Kedro-free.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
@@ -18,6 +18,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+if TYPE_CHECKING:
+    from rpo_pipeline.params import BaseModelParams
 
 BUILTIN_TINY_GPT2 = "builtin:tiny-gpt2"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -55,18 +58,20 @@ def load_pretrained(name_or_path: str, **load_args: Any) -> tuple[PreTrainedMode
     return model, tokenizer
 
 
-def make_base_model(params: dict[str, Any], training_texts: Iterable[str]
+def make_base_model(params: BaseModelParams, training_texts: Iterable[str]
                     ) -> tuple[PreTrainedModel, Any]:
-    """Base model and tokenizer as configured by ``base_model`` parameters."""
-    name = params["name_or_path"]
-    if name == BUILTIN_TINY_GPT2:
-        tok_p, model_p = params.get("tokenizer", {}), params.get("model", {})
+    """Base model and tokenizer as configured by the ``base_model`` parameters.
+
+    ``chat_template`` (when set) replaces the tokenizer's chat template, builtin or pretrained.
+    """
+    if params.builtin:
         tokenizer = train_bpe_tokenizer(
-            training_texts, vocab_size=tok_p.get("vocab_size", 4096),
-            min_frequency=tok_p.get("min_frequency", 2),
-            model_max_length=model_p.get("n_positions", 256))
-        if params.get("chat_template"):
-            tokenizer.chat_template = params["chat_template"]
-        model = build_tiny_gpt2(tokenizer, seed=params.get("seed", 0), **model_p)
-        return model, tokenizer
-    return load_pretrained(name, **params.get("load_args", {}))
+            training_texts, vocab_size=params.tokenizer.vocab_size,
+            min_frequency=params.tokenizer.min_frequency,
+            model_max_length=params.model.n_positions)
+        model = build_tiny_gpt2(tokenizer, seed=params.seed, **params.model.model_dump())
+    else:
+        model, tokenizer = load_pretrained(params.name_or_path, **params.load_args)
+    if params.chat_template is not None:
+        tokenizer.chat_template = params.chat_template
+    return model, tokenizer

@@ -13,8 +13,6 @@ The estimate is unbiased only for plain sampling (temperature 1, top-p 1, no top
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,27 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rpo_pipeline.batching import collate
-from rpo_pipeline.training import config_from_params, resolve_device
+from rpo_pipeline.params import GOLD_JUDGES, GoldJudgeArgs, SamplingConfig
+from rpo_pipeline.training import resolve_device
 
 Judge = Callable[[list[str]], np.ndarray]
-
-
-@dataclass
-class SamplingConfig:
-    """Sampling settings shared by every policy (so their samples are comparable)."""
-
-    n_samples: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    max_new_tokens: int = 48
-    batch_size: int = 64  # prompts per generate call (x n_samples sequences)
-    seed: int = 0
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> SamplingConfig:
-        """Build from ``evaluation.sampling``; unknown keys fail with the list of valid ones."""
-        return config_from_params(cls, "sampling", params)
 
 
 def eval_prompts(tokenized: pd.DataFrame, split: str = "test", max_prompts: int | None = None
@@ -134,8 +115,8 @@ def vader_positivity(texts: Sequence[str]) -> np.ndarray:
     return np.array([(sia.polarity_scores(t)["compound"] + 1) / 2 for t in texts])
 
 
-def hf_classifier_positivity(model: str, batch_size: int = 32, device: str = "auto",
-                             positive_label: str = "POSITIVE") -> Judge:
+def hf_classifier_positivity(model: str, *, batch_size: int, device: str, positive_label: str
+                             ) -> Judge:
     """P(positive) from a sentiment classifier (a local path or a Hub id, e.g. the DPO paper's
     ``siebert/sentiment-roberta-large-english``)."""
     from transformers import pipeline
@@ -155,21 +136,18 @@ def hf_classifier_positivity(model: str, batch_size: int = 32, device: str = "au
     return judge
 
 
-GOLD_JUDGES = ("vader", "none", "hf_classifier")
-
-
-def make_gold_judge(name: str, args: dict[str, Any] | None = None) -> Judge | None:
-    """The configured gold judge (None for ``none``)."""
-    args = dict(args or {})
+def make_gold_judge(name: str, args: GoldJudgeArgs) -> Judge | None:
+    """The configured gold judge (None for ``none``); ``args`` are used by ``hf_classifier``."""
     if name == "vader":
         return vader_positivity
     if name == "none":
         return None
     if name == "hf_classifier":
-        if "model" not in args:
+        if args.model is None:
             raise ValueError("evaluation.gold_judge hf_classifier needs gold_judge_args.model "
                              "(a local path or Hub id of a sentiment classifier)")
-        return hf_classifier_positivity(**args)
+        return hf_classifier_positivity(args.model, batch_size=args.batch_size, device=args.device,
+                                        positive_label=args.positive_label)
     raise ValueError(f"evaluation.gold_judge must be one of {list(GOLD_JUDGES)}, got {name!r}")
 
 

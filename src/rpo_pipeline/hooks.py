@@ -1,25 +1,24 @@
-"""Project hooks: fail fast on configuration errors, before any node runs."""
+"""Project hooks: fail fast on configuration errors, before any node runs or any model loads."""
 
 from __future__ import annotations
 
 from kedro.framework.hooks import hook_impl
 
-from rpo_pipeline.evaluation import GOLD_JUDGES
-from rpo_pipeline.losses import PAIR_LOSSES, RPO_DISTANCES
-
 
 class ValidateParameters:
-    """Check choices that would otherwise fail only when their node starts (minutes into a run)."""
+    """Check every parameter group (``rpo_pipeline.params``) when the Kedro context is created.
 
-    @hook_impl
+    The parameters checked are the merged ones (``conf/base`` + ``--env`` + ``--params``), so a bad
+    override fails in seconds with every problem listed, instead of minutes into a run. ``tryfirst``
+    puts it before kedro-mlflow's hook, so a bad configuration touches no MLflow store either.
+    """
+
+    @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
-        params = context.params
-        loss = (params.get("dpo") or {}).get("loss")
-        if loss is not None and loss not in PAIR_LOSSES:
-            raise ValueError(f"dpo.loss: unknown loss {loss!r}; valid: {sorted(PAIR_LOSSES)}")
-        distance = (params.get("rpo") or {}).get("distance")
-        if distance is not None and distance not in RPO_DISTANCES:
-            raise ValueError(f"rpo.distance: unknown distance {distance!r}; valid: {RPO_DISTANCES}")
-        judge = (params.get("evaluation") or {}).get("gold_judge")
-        if judge is not None and judge not in GOLD_JUDGES:
-            raise ValueError(f"evaluation.gold_judge: unknown judge {judge!r}; valid: {list(GOLD_JUDGES)}")
+        from rpo_pipeline.params import validate_project_params  # heavy imports: only when used
+
+        loader = context.config_loader
+        sources = ["conf/base"] + ([f"conf/{context.env}"] if context.env else [])
+        if loader.runtime_params:
+            sources.append("--params")
+        validate_project_params(loader["parameters"], source=" + ".join(sources))

@@ -7,11 +7,12 @@ state), so they render headless and are saved by whichever dataset receives them
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from rpo_pipeline.params import EvaluationParams
 
 COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "rpo": "#d62728", "reward_model": "#2ca02c"}
 METRIC_LABELS = {
@@ -130,17 +131,17 @@ def win_rates(metrics: pd.DataFrame) -> Figure:
     return fig
 
 
-def markdown_summary(metrics: pd.DataFrame, samples: pd.DataFrame, params: Mapping[str, Any]
+def markdown_summary(metrics: pd.DataFrame, samples: pd.DataFrame, params: EvaluationParams
                      ) -> str:
     """A short report: settings, the metrics table, deltas to the reference, example completions."""
-    s = params["sampling"]
+    s = params.sampling
     n_prompts = samples["group_id"].nunique()
     lines = [
         "# Evaluation summary", "",
-        f"{n_prompts} held-out `{params['split']}` prompts, {s['n_samples']} samples each per "
-        f"policy (temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}, at most "
-        f"{s['max_new_tokens']} new tokens, seed {s['seed']}) plus one greedy completion. Gold "
-        f"judge: `{params['gold_judge']}`. KL: mean over the policy's own samples of "
+        f"{n_prompts} held-out `{params.split}` prompts, {s.n_samples} samples each per "
+        f"policy (temperature {s.temperature}, top-p {s.top_p}, top-k {s.top_k}, at most "
+        f"{s.max_new_tokens} new tokens, seed {s.seed}) plus one greedy completion. Gold "
+        f"judge: `{params.gold_judge}`. KL: mean over the policy's own samples of "
         "log π(y|x) − log π_ref(y|x), in nats. Win rates: every sample against every reference "
         "sample of the same prompt, ties half.", "",
         "| policy | " + " | ".join(METRIC_LABELS[m] for m in METRIC_LABELS) + " |",

@@ -1,4 +1,4 @@
-"""Project settings (Kedro defaults; kedro-mlflow registers its hook through its entry point)."""
+"""Project settings (kedro-mlflow registers its hook through its entry point)."""
 
 from rpo_pipeline.hooks import ValidateParameters
 
@@ -7,4 +7,8 @@ HOOKS = (ValidateParameters(),)
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    # Parameters merge key by key across envs (Kedro's default replaces a whole top-level group):
+    # an env states only what it changes, and a nested `--params a.b.c=v` with `--env` keeps a.b's
+    # other keys (the destructive merge applies runtime params to the env's partial copy of `a`).
+    "merge_strategy": {"parameters": "soft"},
 }

@@ -13,8 +13,8 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,44 +24,25 @@ from transformers import get_scheduler
 
 from rpo_pipeline.atomic import atomic_dir
 from rpo_pipeline.batching import iterate_batches, length_bucketed_batches
+from rpo_pipeline.params import Device, NonNegInt, TrainParams
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
 
-def config_from_params(cls: type, what: str, params: Mapping[str, Any]) -> Any:
-    """A config dataclass from a parameter dict; unknown keys fail with the list of valid ones."""
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(params) - valid)
-    if unknown:
-        raise ValueError(f"unknown {what} parameters {unknown}; valid: {sorted(valid)}")
-    return cls(**params)
+class TrainConfig(TrainParams):
+    """The loop's settings: a stage's ``train`` block (validated, see ``params``) and its device.
 
+    Periodic evaluation, bf16 autocast, checkpoints and resume are off unless the stage's
+    parameters turn them on (DPO and RPO: ``PolicyTrainParams``); the other fields have no default.
+    """
 
-@dataclass
-class TrainConfig:
-    steps: int
-    lr: float
-    batch_size: int = 32  # items per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # any transformers scheduler name: linear, cosine, constant_with_warmup
-    weight_decay: float = 0.0  # not applied to biases and norms
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    log_every: int = 10
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    progress: bool = True
+    device: Device  # auto | cpu | cuda | cuda:N
+    eval_every: NonNegInt = 0  # run eval_fn every N steps (and at the end); 0: only at the end
     bf16: bool = False  # bfloat16 autocast, where the device supports it (CUDA with bf16)
-    eval_every: int = 0  # run eval_fn every N steps (and at the end); 0: only at the end
-    checkpoint_every: int = 0  # 0: no checkpoints
+    checkpoint_every: NonNegInt = 0  # 0: no checkpoints
     checkpoint_dir: str | None = None
     resume: bool = False  # continue from checkpoint_dir/last if it exists
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> TrainConfig:
-        """Build from a parameter dict; unknown keys fail with the list of valid ones."""
-        return config_from_params(cls, "training", {**params, **overrides})
 
 
 @dataclass
@@ -131,8 +112,9 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     """Train ``model`` in place for ``cfg.steps`` optimizer steps; return the logged history.
 
     ``eval_fn(model) -> metrics`` runs every ``cfg.eval_every`` steps and at the end; its metrics
-    are logged with an ``eval_`` prefix. A non-finite loss stops training before the optimizer
-    step, so the last checkpoint stays the last good state.
+    are logged with an ``eval_`` prefix. A non-finite loss or gradient norm stops training
+    (``FloatingPointError``) before the optimizer step, so the weights and the last checkpoint stay
+    the last good state.
     """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -143,7 +125,7 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     result, start = TrainResult(), 0
     last = Path(cfg.checkpoint_dir) / "last" if cfg.checkpoint_dir else None
     if cfg.resume and last is not None and (last / CHECKPOINT_STATE).exists():
-        state = torch.load(last / CHECKPOINT_STATE, weights_only=False)
+        state = torch.load(last / CHECKPOINT_STATE, weights_only=True)
         load_checkpoint_weights(model, last)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -179,8 +161,13 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
                 f"{desc}: loss is {step_metrics['loss']} at step {step}; stopped before the "
                 f"optimizer step (last good checkpoint: {last if last and last.exists() else 'none'})")
 
-        # clip, step, schedule
+        # clip, step, schedule (a non-finite gradient stops training like a non-finite loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not math.isfinite(float(grad_norm)):
+            raise FloatingPointError(
+                f"{desc}: gradient norm is {float(grad_norm)} at step {step} (loss "
+                f"{step_metrics['loss']:.4g}); stopped before the optimizer step (last good "
+                f"checkpoint: {last if last and last.exists() else 'none'})")
         optimizer.step()
         scheduler.step()
 

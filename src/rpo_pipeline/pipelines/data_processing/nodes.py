@@ -9,6 +9,7 @@ import pandas as pd
 
 from rpo_pipeline.base_model import make_base_model
 from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.params import BaseModelParams, DataProcessingParams
 from rpo_pipeline.preference_data import SPLITS, assign_splits, groups_to_pairs, ingest
 from rpo_pipeline.text_format import Template, format_groups, tokenize_examples
 from rpo_pipeline.tracking import MetricsPayload, scalars
@@ -19,8 +20,8 @@ log = logging.getLogger(__name__)
 def ingest_preferences(raw: pd.DataFrame, params: dict[str, Any]
                        ) -> tuple[pd.DataFrame, pd.DataFrame, MetricsPayload]:
     """Validate raw rows into canonical groups; dropped rows (``on_invalid: drop``) with reasons."""
-    result = ingest(raw, fmt=params["format"], on_invalid=params["on_invalid"],
-                    columns=params.get("columns"))
+    p = DataProcessingParams.parse(params)
+    result = ingest(raw, fmt=p.format, on_invalid=p.on_invalid, columns=dict(p.columns))
     counts = result.counts
     log.info("format %s: %d rows in, %d out, %d dropped", result.format, counts["rows_in"],
              counts["rows_out"], counts["rows_dropped"])
@@ -33,27 +34,31 @@ def ingest_preferences(raw: pd.DataFrame, params: dict[str, Any]
 
 def split_by_prompt(groups: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
     """Assign train / val / test by a seeded hash of the prompt text."""
-    return assign_splits(groups, params["split"], params["seed"])
+    p = DataProcessingParams.parse(params)
+    return assign_splits(groups, p.split.model_dump(), p.seed)
 
 
 def make_pairs(groups: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
     """One (chosen, rejected) pair per group: best vs worst or vs a seeded random other."""
-    return groups_to_pairs(groups, rejected=params["rejected"], seed=params["seed"])
+    p = DataProcessingParams.parse(params)
+    return groups_to_pairs(groups, rejected=p.rejected, seed=p.seed)
 
 
 def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: dict[str, Any]
                      ) -> tuple[Any, Any]:
     """Base causal LM and tokenizer; the builtin tokenizer is trained on the train split's text."""
+    base = BaseModelParams.parse(base_params)
     train = groups[groups["split"] == "train"]
-    template_words = Template.parse(params["template"]).prefix.replace("{prompt}", " ")
+    template_words = Template.parse(DataProcessingParams.parse(params).template).prefix.replace(
+        "{prompt}", " ")
 
     def texts():
         for prompt, responses in zip(train["prompt"], train["responses"], strict=True):
             yield f"{template_words} {prompt}"
             yield from responses
 
-    model, tokenizer = make_base_model(base_params, texts())
-    log.info("base model %s: %.2f M parameters, vocab %d", base_params["name_or_path"],
+    model, tokenizer = make_base_model(base, texts())
+    log.info("base model %s: %.2f M parameters, vocab %d", base.name_or_path,
              model.num_parameters() / 1e6, len(tokenizer))
     return model, tokenizer
 
@@ -61,15 +66,17 @@ def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: 
 def format_responses(groups: pd.DataFrame, tokenizer: PretrainedHandle, params: dict[str, Any]
                      ) -> pd.DataFrame:
     """Prompt and response text of every response, with the template or the chat template."""
-    return format_groups(groups, template=params["template"],
-                         use_chat_template=params["use_chat_template"], tokenizer=tokenizer.load())
+    p = DataProcessingParams.parse(params)
+    return format_groups(groups, template=p.template, use_chat_template=p.use_chat_template,
+                         tokenizer=tokenizer.load())
 
 
 def tokenize_responses(examples: pd.DataFrame, tokenizer: PretrainedHandle, params: dict[str, Any]
                        ) -> pd.DataFrame:
     """Token ids with the response start index; prompts keep their end, responses their start."""
-    return tokenize_examples(examples, tokenizer.load(), params["max_prompt_length"],
-                             params["max_length"], chat_template=params["use_chat_template"])
+    p = DataProcessingParams.parse(params)
+    return tokenize_examples(examples, tokenizer.load(), p.max_prompt_length, p.max_length,
+                             chat_template=p.use_chat_template)
 
 
 def summarize(groups: pd.DataFrame, pairs: pd.DataFrame, tokenized: pd.DataFrame

@@ -16,7 +16,6 @@ import pandas as pd
 from rpo_pipeline import reporting
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.evaluation import (
-    SamplingConfig,
     eval_prompts,
     generate,
     make_gold_judge,
@@ -24,6 +23,7 @@ from rpo_pipeline.evaluation import (
     preference_accuracy,
     sequence_logprobs,
 )
+from rpo_pipeline.params import EvaluationParams
 from rpo_pipeline.policy import pair_sides
 from rpo_pipeline.reward_model import score
 from rpo_pipeline.tracking import MetricsPayload, scalars
@@ -42,18 +42,17 @@ def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle, tokenize
     logp. Every policy gets the same prompts, settings and seeds.
     """
     t0 = time.perf_counter()
-    cfg = SamplingConfig.from_params(params["sampling"])
+    p = EvaluationParams.parse(params)
+    cfg = p.sampling
     tok = tokenizer.load()
-    prompts = eval_prompts(tokenized, params["split"], params.get("max_prompts"))
+    prompts = eval_prompts(tokenized, p.split, p.max_prompts)
     ids = prompts["prompt_ids"].tolist()
     lm = model.load()
     name = model.path.name
-    sampled, s_logp = generate(lm, ids, cfg, tok.eos_token_id, tok.pad_token_id,
-                               device=params["device"], progress=params["progress"],
-                               desc=f"sample {name}")
+    sampled, s_logp = generate(lm, ids, cfg, tok.eos_token_id, tok.pad_token_id, device=p.device,
+                               progress=p.progress, desc=f"sample {name}")
     greedy, g_logp = generate(lm, ids, cfg, tok.eos_token_id, tok.pad_token_id, greedy=True,
-                              device=params["device"], progress=params["progress"],
-                              desc=f"greedy {name}")
+                              device=p.device, progress=p.progress, desc=f"greedy {name}")
     rows = []
     for gid, p, samples, lps, g, glp in zip(prompts["group_id"], ids, sampled, s_logp, greedy,
                                              g_logp, strict=True):
@@ -73,6 +72,7 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
     them (its log π_ref is its own log π).
     """
     t0 = time.perf_counter()
+    p = EvaluationParams.parse(params)
     if REFERENCE not in samples:
         raise ValueError(f"evaluation needs the {REFERENCE!r} samples, got {sorted(samples)}")
     tok = tokenizer.load()
@@ -86,18 +86,18 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
     prompts = groups.set_index("group_id")["prompt"]
     table.insert(1, "prompt", prompts.reindex(table["group_id"]).to_numpy())
 
-    judge = make_gold_judge(params["gold_judge"], params.get("gold_judge_args"))
+    judge = make_gold_judge(p.gold_judge, p.gold_judge_args)
     table["gold"] = judge(table["completion"].tolist()) if judge is not None else np.nan
 
     seqs = [list(p) + c for p, c in zip(table["prompt_ids"], comp, strict=True)]
-    table["rm"] = score(reward_model.load(), seqs, pad, params["batch_size"])
+    table["rm"] = score(reward_model.load(), seqs, pad, p.batch_size)
 
     table["ref_logp"] = table["logp"]
     others = (table["policy"] != REFERENCE).to_numpy()
     if others.any():
         table.loc[others, "ref_logp"] = sequence_logprobs(
             reference_model.load(), table.loc[others, "prompt_ids"].map(list).tolist(),
-            comp[others].tolist(), pad, params["batch_size"], params["device"])
+            comp[others].tolist(), pad, p.batch_size, p.device)
     table["kl"] = table["logp"] - table["ref_logp"]
     log.info("scored %d completions of %s in %.1f s", len(table), list(samples),
              time.perf_counter() - t0)
@@ -111,15 +111,15 @@ def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle
 
     The reference's implicit reward is zero everywhere, so its accuracy is 0.5 by definition.
     """
-    chosen, rejected = pair_sides(tokenized, pairs, params["split"])
+    p = EvaluationParams.parse(params)
+    chosen, rejected = pair_sides(tokenized, pairs, p.split)
     both = pd.concat([chosen, rejected], ignore_index=True)
     prompts = [list(ids[:s]) for ids, s in zip(both["input_ids"], both["response_start"], strict=True)]
     comps = [list(ids[s:]) for ids, s in zip(both["input_ids"], both["response_start"], strict=True)]
     pad = tokenizer.load().pad_token_id
 
     def logps(handle: PretrainedHandle) -> np.ndarray:
-        return sequence_logprobs(handle.load(), prompts, comps, pad, params["batch_size"],
-                                 params["device"])
+        return sequence_logprobs(handle.load(), prompts, comps, pad, p.batch_size, p.device)
 
     ref = logps(reference_model)
     n = len(chosen)
@@ -156,4 +156,5 @@ def report_evaluation(metrics: pd.DataFrame, samples: pd.DataFrame, reward_model
     curves = {name: h.training_history() for name, h in policies.items()}
     curves["reward_model"] = reward_model.training_history()
     return (reporting.training_curves(curves), reporting.reward_vs_kl(samples, metrics),
-            reporting.win_rates(metrics), reporting.markdown_summary(metrics, samples, params))
+            reporting.win_rates(metrics),
+            reporting.markdown_summary(metrics, samples, EvaluationParams.parse(params)))

@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model
 
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.losses import preference_loss, reward_aware_loss
+from rpo_pipeline.params import DpoParams, PolicyParams, RpoParams
 from rpo_pipeline.policy import (
     group_collate,
     group_items,
@@ -40,29 +41,28 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def _run(sft_model: PretrainedHandle, items: list, lengths: list[int], collate: Callable,
-         loss_fn: Callable, eval_fn: Callable | None, params: dict[str, Any]
+         loss_fn: Callable, eval_fn: Callable | None, p: PolicyParams
          ) -> tuple[Any, MetricsPayload]:
     """Load π_SFT (+ LoRA), train, merge; metrics with TRL names, ``eval_`` at eval steps."""
-    cfg = TrainConfig.from_params(params["train"], device=params["device"])
+    cfg = TrainConfig(**p.train.model_dump(), device=p.device)
     model = sft_model.load()
-    if params.get("disable_dropout", True):
+    if p.disable_dropout:
         disable_dropout(model)
-    lora = params.get("lora") or {}
-    if lora.get("enabled"):
-        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
-                                                 lora_dropout=lora.get("dropout", 0.0),
-                                                 target_modules=list(lora["target_modules"])))
-    result = train(model, items, lengths, collate, loss_fn, cfg, desc=params.get("name", "policy"),
-                   eval_fn=eval_fn)
-    if lora.get("enabled"):
+    lora = p.lora
+    if lora.enabled:
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha,
+                                                 lora_dropout=lora.dropout,
+                                                 target_modules=list(lora.target_modules)))
+    result = train(model, items, lengths, collate, loss_fn, cfg, desc=p.name, eval_fn=eval_fn)
+    if lora.enabled:
         model = model.merge_and_unload()
     hist = dict(result.history)
     eval_steps = [int(s) for s in hist.pop("eval_step", [])]
     hist["pairs_per_second"] = hist.pop("items_per_second")
     train_part = {k: v for k, v in hist.items() if not k.startswith("eval_")}
     eval_part = {k: v for k, v in hist.items() if k.startswith("eval_")}
-    log.info("%s: %d steps in %.1f s (%.1f items/s); eval reward accuracy %.3f",
-             params.get("name", "policy"), cfg.steps, result.seconds, result.items_per_second,
+    log.info("%s: %d steps in %.1f s (%.1f items/s); eval reward accuracy %.3f", p.name, cfg.steps,
+             result.seconds, result.items_per_second,
              eval_part.get("eval_rewards/accuracies", [float("nan")])[-1])
     metrics = histories(train_part, result.log_steps) | histories(eval_part, eval_steps)
     model = model.cpu()
@@ -74,17 +74,17 @@ def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, token
                  pairs: pd.DataFrame, reference: pd.DataFrame, params: dict[str, Any]
                  ) -> tuple[Any, MetricsPayload]:
     """DPO family: train on (chosen, rejected) pairs with the configured loss."""
-    loss_fn = preference_loss(params["loss"], params["beta"], params.get("label_smoothing", 0.0),
-                              params.get("sft_weight", 0.0))
+    p = DpoParams.parse(params)
+    loss_fn = preference_loss(p.loss, p.beta, p.label_smoothing, p.sft_weight)
     items, lengths = preference_items(tokenized, pairs, reference, "train")
     val_items, val_len = preference_items(tokenized, pairs, reference, "val")
     collate = policy_collate(tokenizer.load().pad_token_id)
-    batch = 2 * params["train"].get("batch_size", 32)
+    batch = 2 * p.train.batch_size
 
     def eval_fn(m):
-        return evaluate(m, val_items, val_len, collate, loss_fn, batch, params["device"])
+        return evaluate(m, val_items, val_len, collate, loss_fn, batch, p.device)
 
-    return _run(sft_model, items, lengths, collate, loss_fn, eval_fn if val_items else None, params)
+    return _run(sft_model, items, lengths, collate, loss_fn, eval_fn if val_items else None, p)
 
 
 def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
@@ -96,22 +96,21 @@ def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
     Evaluation reports the RPO loss and target metrics on val groups, and ``rewards/*`` on the val
     pairs ranked by the data's gold scores (the gold judge on the default data).
     """
-    loss_fn = reward_aware_loss(params["distance"], params["beta"], params["eta"],
-                                params.get("average_logps", False), params.get("sft_weight", 0.0))
-    targets = reward_targets(groups, reward_scores, reward_stats, params["reward_source"],
-                             params["reward_normalization"])
+    p = RpoParams.parse(params)
+    loss_fn = reward_aware_loss(p.distance, p.beta, p.eta, p.average_logps, p.sft_weight)
+    targets = reward_targets(groups, reward_scores, reward_stats, p.reward_source,
+                             p.reward_normalization)
     items, lengths = group_items(tokenized, reference, targets, "train")
     val_items, val_len = group_items(tokenized, reference, targets, "val")
     gold_pairs, gold_len = preference_items(tokenized, pairs, reference, "val")
     pad = tokenizer.load().pad_token_id
     collate, pair_collate_fn = group_collate(pad), policy_collate(pad)
-    pair_metrics = preference_loss("sigmoid", params["beta"])
-    batch = params["train"].get("batch_size", 8)
+    pair_metrics = preference_loss("sigmoid", p.beta)
+    batch = p.train.batch_size
 
     def eval_fn(m):
-        out = evaluate(m, val_items, val_len, collate, loss_fn, 2 * batch, params["device"])
-        gold = evaluate(m, gold_pairs, gold_len, pair_collate_fn, pair_metrics, 4 * batch,
-                        params["device"])
+        out = evaluate(m, val_items, val_len, collate, loss_fn, 2 * batch, p.device)
+        gold = evaluate(m, gold_pairs, gold_len, pair_collate_fn, pair_metrics, 4 * batch, p.device)
         return out | {k: v for k, v in gold.items() if k.startswith(("rewards/", "logps/"))}
 
-    return _run(sft_model, items, lengths, collate, loss_fn, eval_fn if val_items else None, params)
+    return _run(sft_model, items, lengths, collate, loss_fn, eval_fn if val_items else None, p)

@@ -12,6 +12,7 @@ import pandas as pd
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
 from rpo_pipeline.losses import sft_nll
+from rpo_pipeline.params import DataProcessingParams, ReferenceParams
 from rpo_pipeline.reference import (
     LOGPROB_VERSION,
     reference_table,
@@ -36,12 +37,12 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     are unchanged (``reference.sft_cache_hit``). ``sft.steps: 0`` keeps the base model as π_ref.
     """
     t0 = time.perf_counter()
-    sft = dict(params["sft"])
-    responses = sft.pop("responses")
-    device = resolve_device(params["device"])
-    train_rows = select_examples(tokenized, pairs, ["train"], responses)
+    p = ReferenceParams.parse(params)
+    sft = p.sft
+    device = resolve_device(p.device)
+    train_rows = select_examples(tokenized, pairs, ["train"], sft.responses)
     fp = fingerprint("sft", SFT_VERSION, Path(base_model.path), Path(tokenizer.path),
-                     train_rows[_KEYED], result_params(params["sft"]), device.type)
+                     train_rows[_KEYED], result_params(sft.model_dump()), device.type)
     if fp == stored_fingerprint:
         seconds = time.perf_counter() - t0
         log.info("SFT cache hit (%s): reusing the stored model, %.3f s", fp[:12], seconds)
@@ -50,16 +51,16 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     model = base_model.load()
     metrics: dict[str, float] = {"sft_cache_hit": 0}
     payload: MetricsPayload = {}
-    if sft["steps"] > 0:
-        cfg = TrainConfig.from_params(sft, device=params["device"])
+    if sft.steps > 0:
+        cfg = TrainConfig(**sft.model_dump(exclude={"responses"}), device=p.device)
         collate = sft_collate(tokenizer.load().pad_token_id)
         items = list(zip(train_rows["input_ids"], train_rows["response_start"], strict=True))
         result = train(model, items, train_rows["length"].tolist(), collate, sft_nll, cfg, desc="sft")
         payload = histories({"sft_loss": result.history["loss"]}, result.log_steps)
-        val_rows = select_examples(tokenized, pairs, ["val"], responses)
+        val_rows = select_examples(tokenized, pairs, ["val"], sft.responses)
         val_items = list(zip(val_rows["input_ids"], val_rows["response_start"], strict=True))
         val = evaluate(model, val_items, val_rows["length"].tolist(), collate, sft_nll,
-                       batch_size=2 * cfg.batch_size, device=params["device"])
+                       batch_size=2 * cfg.batch_size, device=p.device)
         metrics |= {"sft_val_loss": val["loss"], "sft_train_loss": result.history["loss"][-1],
                     "sft_sequences_per_second": result.items_per_second}
         log.info("SFT: %d steps in %.1f s (%.0f seq/s), train loss %.3f, val loss %.3f",
@@ -80,10 +81,11 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
     and the tokenized data; on a match the stored table is kept and the model is never loaded.
     """
     t0 = time.perf_counter()
+    p, data = ReferenceParams.parse(params), DataProcessingParams.parse(data_params)
     rows = tokenized[tokenized["split"].isin(["train", "val"])].reset_index(drop=True)
-    formatting = {k: data_params[k] for k in
-                  ("template", "use_chat_template", "max_prompt_length", "max_length")}
-    device = resolve_device(params["device"])
+    formatting = data.model_dump(include={"template", "use_chat_template", "max_prompt_length",
+                                          "max_length"})
+    device = resolve_device(p.device)
     fp = fingerprint("reference_logprobs", LOGPROB_VERSION, sft_model.content_hash(),
                      Path(tokenizer.path), formatting, rows[_KEYED], device.type, "float32")
     if fp == stored_fingerprint:
@@ -94,8 +96,7 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
     model = sft_model.load()
     t1 = time.perf_counter()
     logp, n = score_responses(model, rows["input_ids"].tolist(), rows["response_start"].tolist(),
-                              tokenizer.load().pad_token_id, params["logprobs"]["batch_size"],
-                              device=params["device"])
+                              tokenizer.load().pad_token_id, p.logprobs.batch_size, device=p.device)
     compute = time.perf_counter() - t1
     table = reference_table(rows, logp, n)
     seconds = time.perf_counter() - t0

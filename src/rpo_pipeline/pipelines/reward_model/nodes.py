@@ -13,6 +13,7 @@ import pandas as pd
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
 from rpo_pipeline.losses import reward_pair_loss
+from rpo_pipeline.params import RewardModelParams
 from rpo_pipeline.reward_model import (
     RewardModel,
     RewardModelConfig,
@@ -59,35 +60,33 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
                        ) -> tuple[Fingerprinted | CacheHit, MetricsPayload]:
     """Bradley–Terry training of LoRA + head on the 4-bit backbone; val/test pair accuracy."""
     t0 = time.perf_counter()
-    backbone = _backbone_path(params["backbone"], sft_model, base_model)
-    items, lengths, _ = pair_items(tokenized, pairs, "train", params.get("margin_column"))
+    p = RewardModelParams.parse(params)
+    backbone = _backbone_path(p.backbone, sft_model, base_model)
+    items, lengths, _ = pair_items(tokenized, pairs, "train", p.margin_column)
     fp = fingerprint("reward_model", RM_VERSION, Path(backbone), Path(tokenizer.path),
                      pd.DataFrame({"c": [i[0] for i in items], "r": [i[1] for i in items],
                                    "m": [i[2] for i in items]}),
-                     result_params({k: v for k, v in params.items() if k != "score"}))
+                     result_params(p.model_dump(exclude={"score"})))
     if fp == stored_fingerprint:
         seconds = time.perf_counter() - t0
         log.info("reward model cache hit (%s): %.3f s", fp[:12], seconds)
         return CacheHit(fp), scalars({"cache_hit": 1, "seconds": seconds})
 
-    lora = params["lora"]
-    config = RewardModelConfig(backbone_path=backbone, load_in_4bit=params["load_in_4bit"],
-                               compute_dtype=params["compute_dtype"],
-                               head_input=params["head_input"], lora_r=lora["r"],
-                               lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                               target_modules=list(lora["target_modules"]))
-    cfg = TrainConfig.from_params(params["train"], device=params["device"])
+    config = RewardModelConfig(backbone_path=backbone, load_in_4bit=p.load_in_4bit,
+                               compute_dtype=p.compute_dtype, head_input=p.head_input,
+                               lora_r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
+                               target_modules=list(p.lora.target_modules))
+    cfg = TrainConfig(**p.train.model_dump(), device=p.device)
     model = RewardModel.for_training(config, seed=cfg.seed)
     collate = pair_collate(tokenizer.load().pad_token_id)
-    loss_fn = reward_pair_loss(params["center_coef"])
+    loss_fn = reward_pair_loss(p.center_coef)
     result = train(model, items, lengths, collate, loss_fn, cfg, desc="reward_model")
 
     metrics: dict[str, float] = {"cache_hit": 0, "pairs_per_second": result.items_per_second}
     for split in ("val", "test"):  # training is over: evaluating may repack the 4-bit weights
-        s_items, s_lengths, _ = pair_items(tokenized, pairs, split, params.get("margin_column"))
+        s_items, s_lengths, _ = pair_items(tokenized, pairs, split, p.margin_column)
         if s_items:
-            ev = evaluate(model, s_items, s_lengths, collate, loss_fn, 2 * cfg.batch_size,
-                          params["device"])
+            ev = evaluate(model, s_items, s_lengths, collate, loss_fn, 2 * cfg.batch_size, p.device)
             metrics[f"{split}_accuracy"], metrics[f"{split}_loss"] = ev["accuracy"], ev["loss"]
     head = weight_bytes(model.head)
     metrics["weight_bytes"] = load_backbone(backbone, config.load_in_4bit,
@@ -121,7 +120,7 @@ def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer:
         return CacheHit(fp), scalars({"score_cache_hit": 1, "score_seconds": seconds})
     model = reward_model.load()
     rewards = score(model, rows["input_ids"].tolist(), tokenizer.load().pad_token_id,
-                    params["score"]["batch_size"])
+                    RewardModelParams.parse(params).score.batch_size)
     table = rows[["group_id", "response_index", "split"]].assign(reward=rewards)
     seconds = time.perf_counter() - t0
     log.info("reward scores: %d responses in %.1f s", len(table), seconds)

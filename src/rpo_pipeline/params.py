@@ -1,0 +1,466 @@
+"""Typed parameter schemas: one pydantic model per parameter group, checked before any node runs.
+
+Kedro-free. ``conf/base/parameters_<group>.yml`` is the only source of defaults: no field here has a
+default, so a key missing from the YAML is an error, and so is an unknown one (at any depth, with
+the nearest valid key suggested). Values are strict: ``lr: "1e-3"`` (a string) or ``steps: 1.5``
+are refused, not coerced. Ranges and choices are declared on the fields; rules that tie keys
+together (a setting that another one would silently ignore, split fractions summing to 1, ...) are
+model validators.
+
+``validate_project_params(params)`` checks the whole parameter tree (all groups, cross-group rules)
+and raises one ``ParameterError`` listing every problem as ``<full.key.path> = <value>: <what is
+allowed>``. The project hook runs it when the Kedro context is created, so ``--params`` overrides go
+through the same check. Nodes turn their group's dict into its model with ``<Group>.parse(params)``
+and read attributes; they never fall back to defaults of their own.
+
+Example::
+
+    >>> from rpo_pipeline.params import DpoParams
+    >>> DpoParams.parse({**dpo_params, "beta": -1})
+    ParameterError: invalid parameters:
+      - dpo.beta = -1: must be greater than 0
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rpo_pipeline.base_model import BUILTIN_TINY_GPT2
+from rpo_pipeline.losses import PAIR_LOSSES, RPO_DISTANCES
+from rpo_pipeline.preference_data import FORMATS, SPLITS
+from rpo_pipeline.reward_model import DTYPES
+from rpo_pipeline.text_format import Template
+
+GOLD_JUDGES = ("vader", "none", "hf_classifier")
+# transformers schedulers that need nothing beyond warmup and total steps
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+             "constant_with_warmup", "inverse_sqrt")
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected",
+                     "responses", "scores")
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class ParameterError(ValueError):
+    """Invalid parameters; the message lists every problem with its full key path."""
+
+
+class RuleError(ValueError):
+    """A rule between keys failed; ``key`` is the offending key relative to the model."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class Schema(BaseModel):
+    """Base of every parameter model: unknown keys and loose types are errors; no defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    group: ClassVar[str] = ""  # the parameter group a top-level schema validates
+
+    @classmethod
+    def parse(cls, params: Any, prefix: str | None = None) -> Any:
+        """The validated model of ``params``; ``ParameterError`` naming ``<prefix>.<key>`` if not."""
+        try:
+            return cls.model_validate(params)
+        except ValidationError as e:
+            raise ParameterError(format_errors(e, cls, prefix if prefix is not None else cls.group)
+                                 ) from None
+
+
+# ---- shared blocks ------------------------------------------------------------------------------
+class TrainParams(Schema):
+    """A ``train`` block: AdamW with warmup + schedule, clipping, accumulation (``training.train``)."""
+
+    steps: NonNegInt
+    batch_size: PosInt
+    grad_accum: PosInt
+    lr: PosFloat
+    warmup_steps: NonNegInt
+    schedule: Literal[SCHEDULES]
+    weight_decay: NonNegFloat
+    max_grad_norm: PosFloat
+    seed: int
+    log_every: PosInt
+    progress: bool
+
+
+class PolicyTrainParams(TrainParams):
+    """DPO / RPO ``train``: adds periodic evaluation, bf16 autocast, checkpoints and resume."""
+
+    eval_every: NonNegInt
+    bf16: bool
+    checkpoint_every: NonNegInt
+    checkpoint_dir: NonEmptyStr | None
+    resume: bool
+
+    @model_validator(mode="after")
+    def _checkpoints_need_a_directory(self) -> PolicyTrainParams:
+        if self.checkpoint_dir is None:
+            if self.checkpoint_every:
+                raise RuleError("checkpoint_every", f"is {self.checkpoint_every} but checkpoint_dir "
+                                "is null, so no checkpoint would be written; set checkpoint_dir")
+            if self.resume:
+                raise RuleError("resume", "is true but checkpoint_dir is null: nothing to resume "
+                                "from; set checkpoint_dir")
+        return self
+
+
+class LoraParams(Schema):
+    r: PosInt
+    alpha: PosInt
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    target_modules: Annotated[list[NonEmptyStr], Field(min_length=1)]
+
+
+class PolicyLoraParams(LoraParams):
+    enabled: bool
+
+
+class BatchSize(Schema):
+    batch_size: PosInt
+
+
+# ---- base_model ---------------------------------------------------------------------------------
+class BuiltinTokenizerParams(Schema):
+    vocab_size: Annotated[int, Field(ge=260)]  # 256 bytes + the special tokens
+    min_frequency: PosInt
+
+
+class BuiltinModelParams(Schema):
+    n_layer: PosInt
+    n_embd: PosInt
+    n_head: PosInt
+    n_positions: PosInt
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> BuiltinModelParams:
+        if self.n_embd % self.n_head:
+            raise RuleError("n_embd", f"= {self.n_embd} is not divisible by n_head = {self.n_head}")
+        return self
+
+
+class BaseModelParams(Schema):
+    """``base_model``: the builtin tiny GPT-2 (``tokenizer``/``model`` sizes) or a pretrained LM."""
+
+    group: ClassVar[str] = "base_model"
+    name_or_path: NonEmptyStr
+    seed: int
+    tokenizer: BuiltinTokenizerParams  # builtin:tiny-gpt2 only
+    model: BuiltinModelParams  # builtin:tiny-gpt2 only
+    chat_template: NonEmptyStr | None
+    load_args: dict[str, Any]  # from_pretrained kwargs of a pretrained model
+
+    @property
+    def builtin(self) -> bool:
+        return self.name_or_path == BUILTIN_TINY_GPT2
+
+    @model_validator(mode="after")
+    def _load_args_only_for_pretrained(self) -> BaseModelParams:
+        if self.builtin and self.load_args:
+            raise RuleError("load_args", f"= {self.load_args} would be ignored: {BUILTIN_TINY_GPT2} "
+                            "is built from config, not loaded; set name_or_path to a pretrained "
+                            "model or remove load_args")
+        return self
+
+
+# ---- data_processing ----------------------------------------------------------------------------
+class SplitParams(Schema):
+    train: Fraction
+    val: Fraction
+    test: Fraction
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise RuleError("", f"fractions sum to {total:g}; train + val + test must be 1")
+        return self
+
+
+class DataProcessingParams(Schema):
+    group: ClassVar[str] = "data_processing"
+    format: Literal[("auto", *FORMATS)]
+    on_invalid: Literal["raise", "drop"]
+    columns: dict[Literal[CANONICAL_COLUMNS], NonEmptyStr]
+    seed: int
+    split: SplitParams
+    rejected: Literal["worst", "random"]
+    template: str
+    use_chat_template: bool
+    max_prompt_length: PosInt
+    max_length: PosInt
+
+    @field_validator("template")
+    @classmethod
+    def _template_parses(cls, v: str) -> str:
+        Template.parse(v)
+        return v
+
+    @model_validator(mode="after")
+    def _room_for_a_response(self) -> DataProcessingParams:
+        if self.max_length <= self.max_prompt_length:
+            raise RuleError("max_length", f"= {self.max_length} must be greater than "
+                            f"max_prompt_length = {self.max_prompt_length} (room for the response)")
+        return self
+
+
+# ---- reference ----------------------------------------------------------------------------------
+class SftParams(TrainParams):
+    responses: Literal["all", "chosen"]
+
+
+class ReferenceParams(Schema):
+    group: ClassVar[str] = "reference"
+    device: Device
+    sft: SftParams
+    logprobs: BatchSize
+
+
+# ---- reward_model -------------------------------------------------------------------------------
+class RewardModelParams(Schema):
+    group: ClassVar[str] = "reward_model"
+    backbone: NonEmptyStr  # sft | base | a causal LM directory
+    load_in_4bit: bool
+    compute_dtype: Literal[tuple(DTYPES)]
+    head_input: Literal["hidden", "logits"]
+    lora: LoraParams
+    center_coef: NonNegFloat
+    margin_column: NonEmptyStr | None
+    device: Device
+    train: TrainParams
+    score: BatchSize
+
+    @model_validator(mode="after")
+    def _compute_dtype_needs_4bit(self) -> RewardModelParams:
+        if not self.load_in_4bit and self.compute_dtype != "float32":
+            raise RuleError("compute_dtype", f"= {self.compute_dtype!r} would be ignored: it is the "
+                            "4-bit compute dtype and load_in_4bit is false (the full-precision "
+                            "backbone loads in float32)")
+        return self
+
+
+# ---- dpo / rpo ----------------------------------------------------------------------------------
+class PolicyParams(Schema):
+    """What DPO and RPO share: π_SFT (+ LoRA), β, the SFT term, the training block."""
+
+    name: NonEmptyStr
+    beta: PosFloat
+    sft_weight: NonNegFloat
+    device: Device
+    disable_dropout: bool
+    lora: PolicyLoraParams
+    train: PolicyTrainParams
+
+
+class DpoParams(PolicyParams):
+    group: ClassVar[str] = "dpo"
+    loss: Literal[tuple(PAIR_LOSSES)]
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)]
+
+    @model_validator(mode="after")
+    def _smoothing_only_for_sigmoid(self) -> DpoParams:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise RuleError("label_smoothing", f"= {self.label_smoothing:g} would be ignored: only "
+                            f"the sigmoid loss (cDPO) uses it, and loss is {self.loss!r}; set it "
+                            "to 0 or use loss: sigmoid")
+        return self
+
+
+class RpoParams(PolicyParams):
+    group: ClassVar[str] = "rpo"
+    distance: Literal[tuple(RPO_DISTANCES)]
+    eta: PosFloat
+    reward_source: Literal["reward_model", "dataset"]
+    reward_normalization: Literal["none", "zscore", "per_prompt"]
+    average_logps: bool
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+class SamplingConfig(Schema):
+    """Sampling settings shared by every policy (``evaluation.sampling``)."""
+
+    n_samples: PosInt
+    temperature: PosFloat
+    top_p: Annotated[float, Field(gt=0, le=1)]
+    top_k: NonNegInt  # 0: off
+    max_new_tokens: PosInt
+    batch_size: PosInt  # prompts per generate call (x n_samples sequences)
+    seed: int
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k_not_null(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("null is not allowed: transformers reads it as top_k = 50, which "
+                             "truncates sampling and biases the KL estimate; use 0 to turn top-k off")
+        return v
+
+
+class GoldJudgeArgs(Schema):
+    """``hf_classifier`` settings (``model`` must stay null for the other judges)."""
+
+    model: NonEmptyStr | None
+    positive_label: NonEmptyStr
+    batch_size: PosInt
+    device: Device
+
+
+class EvaluationParams(Schema):
+    group: ClassVar[str] = "evaluation"
+    split: Literal[SPLITS]
+    max_prompts: PosInt | None
+    sampling: SamplingConfig
+    gold_judge: Literal[GOLD_JUDGES]
+    gold_judge_args: GoldJudgeArgs
+    batch_size: PosInt
+    device: Device
+    progress: bool
+
+    @model_validator(mode="after")
+    def _judge_model_matches_judge(self) -> EvaluationParams:
+        model = self.gold_judge_args.model
+        if self.gold_judge == "hf_classifier" and model is None:
+            raise RuleError("gold_judge_args.model", "is null but gold_judge is 'hf_classifier': give "
+                            "a local path or Hub id of a sentiment classifier")
+        if self.gold_judge != "hf_classifier" and model is not None:
+            raise RuleError("gold_judge_args.model", f"= {model!r} would be ignored: gold_judge is "
+                            f"{self.gold_judge!r}; set gold_judge: hf_classifier or model: null")
+        return self
+
+
+# ---- the whole tree -----------------------------------------------------------------------------
+GROUPS: dict[str, type[Schema]] = {
+    m.group: m for m in (BaseModelParams, DataProcessingParams, ReferenceParams, RewardModelParams,
+                         DpoParams, RpoParams, EvaluationParams)
+}
+
+
+class ProjectParams(Schema):
+    """Every parameter group, and the rules between groups."""
+
+    base_model: BaseModelParams
+    data_processing: DataProcessingParams
+    reference: ReferenceParams
+    reward_model: RewardModelParams
+    dpo: DpoParams
+    rpo: RpoParams
+    evaluation: EvaluationParams
+
+    @model_validator(mode="after")
+    def _sequences_fit_the_builtin_model(self) -> ProjectParams:
+        if not self.base_model.builtin:
+            return self
+        positions = self.base_model.model.n_positions
+        dp, sampling = self.data_processing, self.evaluation.sampling
+        if dp.max_length > positions:
+            raise RuleError("data_processing.max_length", f"= {dp.max_length} exceeds "
+                            f"base_model.model.n_positions = {positions}")
+        if dp.max_prompt_length + sampling.max_new_tokens > positions:
+            raise RuleError("evaluation.sampling.max_new_tokens", f"= {sampling.max_new_tokens} plus "
+                            f"data_processing.max_prompt_length = {dp.max_prompt_length} exceeds "
+                            f"base_model.model.n_positions = {positions}")
+        return self
+
+
+assert set(GROUPS) == set(ProjectParams.model_fields), "every group is a field of ProjectParams"
+
+
+def validate_project_params(params: dict[str, Any], source: str = "") -> ProjectParams:
+    """The whole parameter tree, validated; ``ParameterError`` listing every problem if not.
+
+    ``source`` (e.g. ``conf/base + conf/hh_rlhf + --params``) is named in the message.
+    """
+    try:
+        return ProjectParams.model_validate(params)
+    except ValidationError as e:
+        raise ParameterError(format_errors(e, ProjectParams, "", source)) from None
+
+
+# ---- messages -----------------------------------------------------------------------------------
+def _unwrap(annotation: Any) -> Any:
+    """The schema class inside an annotation (``X | None``, ``Annotated[X, ...]``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, Schema):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _unwrap(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(model: type[Schema], loc: tuple) -> type[Schema] | None:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        model = _unwrap(field.annotation) if field is not None else None
+        if model is None:
+            return None
+    return model
+
+
+# names users bring from transformers' TrainingArguments / TRL / peft configs -> ours
+ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps",
+           "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+           "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "schedule",
+           "scheduler": "schedule", "logging_steps": "log_every", "eval_steps": "eval_every",
+           "save_steps": "checkpoint_every", "output_dir": "checkpoint_dir",
+           "resume_from_checkpoint": "resume", "warmup": "warmup_steps", "loss_type": "loss",
+           "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+           "model_name_or_path": "name_or_path", "max_completion_length": "max_length",
+           "rpo_alpha": "sft_weight", "temp": "temperature", "num_samples": "n_samples"}
+
+
+def suggest(key: str, valid: list[str]) -> str | None:
+    """The valid key the user most likely meant: a known alias, else the closest spelling."""
+    if ALIASES.get(key) in valid:
+        return ALIASES[key]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def format_errors(error: ValidationError, model: type[Schema], prefix: str = "", source: str = ""
+                  ) -> str:
+    """One line per problem: ``full.key.path = value: what is allowed``."""
+    lines = []
+    for e in error.errors():
+        loc = tuple(p for p in e["loc"] if p != "[key]")
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, RuleError):
+            loc = loc + tuple(p for p in cause.key.split(".") if p)
+        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or "parameters"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            valid = sorted(parent.model_fields) if parent is not None else []
+            close = suggest(str(loc[-1]), valid)
+            hint = f"did you mean {close}? " if close else ""
+            lines.append(f"{path}: unknown key; {hint}valid keys here: {', '.join(valid)}")
+        elif kind == "missing":
+            lines.append(f"{path}: missing (every key needs a value in conf/base; the YAML is the "
+                         "only source of defaults)")
+        elif isinstance(cause, RuleError):
+            lines.append(f"{path} {cause}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+            value = e.get("input")
+            shown = f"{_show(value)} ({type(value).__name__})" if kind.endswith("_type") else _show(value)
+            lines.append(f"{path} = {shown}: {msg}")
+    where = (f" in {prefix}" if prefix else "") + (f" from {source}" if source else "")
+    return f"invalid parameters{where} ({len(lines)} problem{'s' * (len(lines) > 1)}):\n" + \
+        "\n".join(f"  - {line}" for line in lines)
