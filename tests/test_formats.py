@@ -170,5 +170,6 @@ def test_missing_file_and_bad_json_are_named(tmp_path):
         read_preference_files(str(tmp_path / "nope.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
-    with pytest.raises(PreferenceDataError, match=r"bad.jsonl: row 2: invalid JSON"):
-        read_preference_files(str(bad))
+    with pytest.raises(PreferenceDataError, match=r"bad.jsonl: row 2: the line is cut off in the middle "
+                                                  r"of its JSON"):
+        ingest(read_preference_files(str(bad)))  # a row-level problem: on_invalid decides

@@ -35,6 +35,7 @@ import pandas as pd
 
 FORMATS = ("pairs", "hh", "scored")
 SOURCE_FILE, SOURCE_ROW = "_source_file", "_source_row"
+READ_ERROR = "_read_error"  # why a raw row could not be read (bad UTF-8 or JSON); None if it could
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 _FORMAT_HELP = (
@@ -51,55 +52,154 @@ class PreferenceDataError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
-def _strip_gz(path: str) -> tuple[str, bool]:
-    return (path[:-3], True) if path.endswith(".gz") else (path, False)
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
+
+
+def _decompress(raw: bytes, kind: str, path: str) -> bytes:
+    """Decompress ``raw`` (all members); a truncated or corrupt stream fails naming how far it was
+    readable."""
+    import bz2
+    import lzma
+    import zlib
+
+    make = {"gzip": lambda: zlib.decompressobj(wbits=31), "bz2": bz2.BZ2Decompressor,
+            "xz": lzma.LZMADecompressor}[kind]
+    out, data = bytearray(), raw
+    try:
+        while data:
+            d = make()
+            out += d.decompress(data)
+            if not d.eof:
+                raise EOFError("the stream ends before its end marker")
+            data = d.unused_data.lstrip(b"\x00")  # next member (concatenated files), or padding
+    except (EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
+        lines = out.count(b"\n")
+        raise PreferenceDataError(
+            f"{path}: the {kind} data is truncated or corrupt ({e}); it broke off after "
+            f"{len(out)} decompressed bytes ({lines} complete lines). Re-download or re-compress "
+            "the file") from None
+    return bytes(out)
+
+
+def _utf8_error(path: str, raw: bytes, e: UnicodeDecodeError, base: int = 0, line: int | None = None
+                ) -> str:
+    """Where a UTF-8 error is: the line and the byte offset in the (decompressed) file."""
+    offset = base + e.start
+    if line is None:
+        line = raw.count(b"\n", 0, e.start) + 1
+    return (f"line {line}: not valid UTF-8 at byte offset {offset} ({raw[e.start:e.start + 4]!r}); "
+            "save the file as UTF-8")
+
+
+def _read_jsonl(raw: bytes, path: str) -> tuple[list[dict], list[int], list[str | None]]:
+    """Records, their line numbers, and per line the reason it could not be read (or None).
+
+    A line that is not UTF-8, not JSON, cut off mid-value or not an object is a row-level problem:
+    ``ingest`` raises on it or drops and reports it (``on_invalid``), like any invalid row.
+    """
+    records, rows, errors = [], [], []
+    offset = 0
+    for lineno, line in enumerate(raw.splitlines(keepends=True), start=1):
+        start, offset = offset, offset + len(line)
+        if not line.strip():
+            continue
+        record, error = {}, None
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            error = _utf8_error(path, line, e, base=start, line=lineno).split(": ", 1)[1]
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                if text.rstrip().endswith("}"):
+                    error = f"invalid JSON ({e.msg}, column {e.colno})"
+                else:  # an object that never closes: the line was cut
+                    end = " at the end of the file: truncated?" if not line.endswith(b"\n") else ""
+                    error = (f"the line is cut off in the middle of its JSON "
+                             f"({e.msg.removesuffix(' starting at')}){end}")
+            else:
+                if isinstance(value, dict):
+                    record = value
+                else:
+                    error = f"expected a JSON object, got {type(value).__name__}"
+        records.append(record)
+        rows.append(lineno)
+        errors.append(error)
+    return records, rows, errors
 
 
 def read_preference_file(path: str, file_format: str | None = None) -> pd.DataFrame:
-    """Read one jsonl / json / parquet / csv file (gzip or not; local path or fsspec URL).
+    """Read one jsonl / json / parquet / csv file (gzip, bz2 or xz or not; local path or fsspec URL).
 
     Adds ``_source_file`` and ``_source_row`` (1-based: the line for jsonl, the element for a JSON
-    array, the data row for csv and parquet) so that errors can point at the input.
+    array, the data row for csv and parquet) so that errors can point at the input. jsonl lines
+    that cannot be read carry the reason in ``_read_error`` (see ``_read_jsonl``); every other
+    problem (empty file, corrupt compression, bad UTF-8 or JSON in a json/csv file, an unreadable
+    Parquet file) raises ``PreferenceDataError`` naming the file, the line and the reason.
     """
-    stem, gz = _strip_gz(path)
+    stem, ext_c = os.path.splitext(path)
+    compression = COMPRESSIONS.get(ext_c.lower())
+    if compression is None:
+        stem = path
     ext = (file_format or os.path.splitext(stem)[1].lstrip(".")).lower()
-    compression = "gzip" if gz else None
-    with fsspec.open(path, "rb", compression=compression) as f:
+    if ext not in ("jsonl", "ndjson", "json", "parquet", "csv", "tsv"):
+        raise PreferenceDataError(f"{path}: unsupported file type '{ext}'; use jsonl, json, parquet or "
+                                  "csv (optionally .gz, .bz2 or .xz)")
+    with fsspec.open(path, "rb") as f:
         raw = f.read()
+    if compression is not None:
+        raw = _decompress(raw, compression, path)
+    if not raw.strip():
+        raise PreferenceDataError(f"{path}: the file is empty")
+    read_errors = None
     if ext in ("jsonl", "ndjson"):
-        records, rows = [], []
-        for lineno, line in enumerate(io.BytesIO(raw), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise PreferenceDataError(f"{path}: row {lineno}: invalid JSON ({e.msg})") from None
-            rows.append(lineno)
-        df = pd.DataFrame.from_records(records) if records else pd.DataFrame()
-    elif ext == "json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise PreferenceDataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        if isinstance(data, dict):  # {"data": [...]}: a single list of records inside an object
-            lists = [v for v in data.values() if isinstance(v, list)]
-            data = lists[0] if len(lists) == 1 else data
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise PreferenceDataError(f"{path}: expected a JSON array of objects")
-        df, rows = pd.DataFrame.from_records(data), list(range(1, len(data) + 1))
+        records, rows, read_errors = _read_jsonl(raw, path)
+        df = pd.DataFrame(records)  # one row per non-blank line, also when none could be read
     elif ext == "parquet":
-        df = pd.read_parquet(io.BytesIO(raw))
-        rows = list(range(1, len(df) + 1))
-    elif ext in ("csv", "tsv"):
-        df = pd.read_csv(io.BytesIO(raw), sep="\t" if ext == "tsv" else ",", keep_default_na=False,
-                         na_values=[""], dtype=object)
+        try:
+            df = pd.read_parquet(io.BytesIO(raw))
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise PreferenceDataError(f"{path}: not a readable Parquet file ({type(e).__name__}: "
+                                      f"{e})") from None
         rows = list(range(1, len(df) + 1))
     else:
-        raise PreferenceDataError(
-            f"{path}: unsupported file type '{ext}'; use jsonl, json, parquet or csv (optionally .gz)")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PreferenceDataError(f"{path}: {_utf8_error(path, raw, e)}") from None
+        if ext == "json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                cut = ("" if text.rstrip().endswith(("]", "}")) else
+                       " (the file ends in the middle of a value: truncated?)")
+                raise PreferenceDataError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON "
+                                          f"({e.msg}){cut}") from None
+            if isinstance(data, dict):  # {"data": [...]}: a single list of records inside an object
+                lists = [v for v in data.values() if isinstance(v, list)]
+                data = lists[0] if len(lists) == 1 else data
+            if not isinstance(data, list):
+                raise PreferenceDataError(f"{path}: expected a JSON array of objects, got "
+                                          f"{type(data).__name__}")
+            bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise PreferenceDataError(f"{path}: row {bad + 1}: expected a JSON object, got "
+                                          f"{type(data[bad]).__name__}")
+            df, rows = pd.DataFrame.from_records(data), list(range(1, len(data) + 1))
+        else:
+            try:
+                df = pd.read_csv(io.StringIO(text), sep="\t" if ext == "tsv" else ",",
+                                 keep_default_na=False, na_values=[""], dtype=object)
+            except pd.errors.ParserError as e:
+                raise PreferenceDataError(f"{path}: not valid {ext.upper()} ({e})") from None
+            rows = list(range(1, len(df) + 1))
+    if not len(df):
+        raise PreferenceDataError(f"{path}: the file has no rows")
     df[SOURCE_FILE] = path
     df[SOURCE_ROW] = rows
+    if read_errors is not None and any(e is not None for e in read_errors):
+        df[READ_ERROR] = read_errors
     return df
 
 
@@ -107,10 +207,21 @@ def read_preference_files(pattern: str, file_format: str | None = None) -> pd.Da
     """Read every file matching ``pattern`` (a path, a glob, or an fsspec URL) into one table."""
     if "://" in pattern:
         paths = [pattern]
+    elif glob.has_magic(pattern):
+        paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+        if not paths:
+            folder = os.path.dirname(pattern) or "."
+            where = (f"the folder {folder} exists" if os.path.isdir(folder)
+                     else f"the folder {folder} does not exist")
+            raise PreferenceDataError(f"{pattern}: no file matches this glob ({where}; the path is "
+                                      f"relative to {os.getcwd()})")
     else:
-        paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not paths or not all(os.path.exists(p) for p in paths):
-            raise PreferenceDataError(f"{pattern}: no such file")
+        if os.path.isdir(pattern):
+            raise PreferenceDataError(f"{pattern}: is a folder; give a file or a glob such as "
+                                      f"{os.path.join(pattern, '*.jsonl')}")
+        if not os.path.exists(pattern):
+            raise PreferenceDataError(f"{pattern}: no such file (relative to {os.getcwd()})")
+        paths = [pattern]
     frames = [read_preference_file(p, file_format) for p in paths]
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
@@ -119,7 +230,7 @@ def read_preference_files(pattern: str, file_format: str | None = None) -> pd.Da
 # Columns and format detection
 # --------------------------------------------------------------------------------------------------
 def _data_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c not in (SOURCE_FILE, SOURCE_ROW)]
+    return [c for c in df.columns if c not in (SOURCE_FILE, SOURCE_ROW, READ_ERROR)]
 
 
 def _lookup(record: Any, dotted: str) -> Any:
@@ -175,6 +286,63 @@ def detect_format(columns: Iterable[str], source: str = "raw_preferences") -> st
 
 REQUIRED_COLUMNS = {"pairs": ("prompt", "chosen", "rejected"), "hh": ("chosen", "rejected"),
                     "scored": ("prompt", "responses", "scores")}
+
+
+def _first(df: pd.DataFrame, col: str) -> Any:
+    if col not in df.columns:
+        return None
+    values = df[col].dropna()
+    return values.iloc[0] if len(values) else None
+
+
+def _is_sharegpt_message(v: Any) -> bool:
+    if isinstance(v, list | np.ndarray) and len(v):
+        v = v[0]
+    return isinstance(v, dict) and "from" in v and "value" in v
+
+
+def unsupported_layout(df: pd.DataFrame) -> str | None:
+    """Name and fix of a known layout the project does not read, if ``df`` (one file) has one."""
+    cols = set(_data_columns(df))
+    prompt = _first(df, "prompt")
+    if "conversations" in cols or _is_sharegpt_message(_first(df, "chosen")):
+        return ("ShareGPT / LLaMA-Factory pairs (`conversations`, `chosen`, `rejected` as {from, value} "
+                "messages). Convert each row to the pairs format: prompt = the conversation as "
+                "{role, content} messages (from human -> role user, gpt -> assistant), chosen = "
+                "chosen.value, rejected = rejected.value")
+    if "message_tree_id" in cols or (isinstance(prompt, dict) and "replies" in prompt):
+        return ("OpenAssistant message trees (`prompt` with nested `replies`). Flatten each tree into "
+                "the scored format: one row per prompter message with its ranked sibling replies as "
+                "`responses` and scores from their ranks")
+    if "messages" in cols and not {"chosen", "rejected"} & cols:
+        return ("chat transcripts (`messages`) without preferences: SFT data, not preference data")
+    if {"instruction", "output"} <= cols and "chosen" not in cols:
+        return "Alpaca-style instruction data (`instruction`, `output`): SFT data, not preference data"
+    if "text" in cols and not {"prompt", "chosen", "responses"} & cols:
+        return "a text corpus (`text`) without preferences"
+    return None
+
+
+def _file_formats(df: pd.DataFrame, fmt: str) -> dict[str, tuple[str, bool]]:
+    """Per source file: (format, has scores), from the columns that file fills; every file checked
+    against its known-but-unsupported layouts and, for an explicit ``fmt``, its required columns."""
+    out = {}
+    for file, part in df.groupby(SOURCE_FILE, sort=False):
+        layout = unsupported_layout(part)
+        if layout is not None:
+            raise PreferenceDataError(f"{file}: looks like {layout}. Supported formats: {_FORMAT_HELP}")
+        cols = [c for c in _data_columns(part) if part[c].notna().any()]
+        file_fmt = detect_format(cols, str(file)) if fmt == "auto" else fmt
+        missing = [c for c in REQUIRED_COLUMNS[file_fmt] if c not in cols]
+        if missing:
+            raise PreferenceDataError(
+                f"{file}: format '{file_fmt}' needs the columns {list(REQUIRED_COLUMNS[file_fmt])}; "
+                f"missing {missing}; found {sorted(cols)}")
+        scores = file_fmt == "pairs" and bool({"score_chosen", "score_rejected"} & set(cols))
+        if scores and not {"score_chosen", "score_rejected"} <= set(cols):
+            raise PreferenceDataError(f"{file}: give both score_chosen and score_rejected, or neither")
+        out[str(file)] = (file_fmt, scores)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,26 +558,31 @@ def ingest(df: pd.DataFrame, fmt: str = "auto", on_invalid: str = "raise",
     """
     if on_invalid not in ("raise", "drop"):
         raise ValueError(f"on_invalid must be 'raise' or 'drop', got {on_invalid!r}")
+    if fmt not in ("auto", *FORMATS):
+        raise ValueError(f"data_processing.format must be one of auto, {', '.join(FORMATS)}; got {fmt!r}")
     if SOURCE_FILE not in df.columns:
         df = df.assign(**{SOURCE_FILE: source, SOURCE_ROW: range(1, len(df) + 1)})
-    where = ", ".join(sorted(set(df[SOURCE_FILE].astype(str)))) or source
-    df = normalize_columns(df, columns)
-    if fmt == "auto":
-        fmt = detect_format(df.columns, where)
-    if fmt not in FORMATS:
-        raise ValueError(f"data_processing.format must be one of auto, {', '.join(FORMATS)}; got {fmt!r}")
-    missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in df.columns]
-    if missing:
+    read_errors = ([e if isinstance(e, str) else None for e in df[READ_ERROR]]
+                   if READ_ERROR in df.columns else [None] * len(df))
+    files, rows = df[SOURCE_FILE].tolist(), df[SOURCE_ROW].tolist()
+    readable = df[[e is None for e in read_errors]]
+    if not len(readable):
+        i = next(i for i, e in enumerate(read_errors) if e is not None) if len(df) else None
+        first = f"; the first: {files[i]}: row {rows[i]}: {read_errors[i]}" if i is not None else ""
+        raise PreferenceDataError(f"{source}: no row could be read{first}")
+
+    readable = normalize_columns(readable, columns)
+    formats = _file_formats(readable, fmt)
+    if len(set(formats.values())) > 1:
+        found = "; ".join(f"{f}: {k}{' with scores' if sc else ''}" for f, (k, sc) in formats.items())
         raise PreferenceDataError(
-            f"{where}: format '{fmt}' needs the columns {list(REQUIRED_COLUMNS[fmt])}; missing "
-            f"{missing}; found {_data_columns(df)}")
-    has_scores = fmt == "pairs" and ("score_chosen" in df.columns or "score_rejected" in df.columns)
-    if has_scores and not {"score_chosen", "score_rejected"} <= set(df.columns):
-        raise PreferenceDataError(f"{where}: give both score_chosen and score_rejected, or neither")
+            f"files of different formats under one path: {found}. Read each format through its own "
+            "catalog entry (or convert them to one format)")
+    fmt, has_scores = next(iter(formats.values()))
+    df = normalize_columns(df, columns)
 
     needed = list(REQUIRED_COLUMNS[fmt]) + (["score_chosen", "score_rejected"] if has_scores else [])
-    col_values = {c: df[c].tolist() for c in needed}
-    files, rows = df[SOURCE_FILE].tolist(), df[SOURCE_ROW].tolist()
+    col_values = {c: df[c].tolist() if c in df.columns else [None] * len(df) for c in needed}
     parse = {"pairs": lambda r: parse_pairs_row(r, has_scores), "hh": parse_hh_row,
              "scored": parse_scored_row}[fmt]
 
@@ -419,6 +592,9 @@ def ingest(df: pd.DataFrame, fmt: str = "auto", on_invalid: str = "raise",
     for i in range(len(df)):
         record = {c: col_values[c][i] for c in needed}
         try:
+            if read_errors[i] is not None:
+                record = {}
+                raise RowError(read_errors[i])
             g = parse(record)
             gid = group_id(g.prompt, g.responses)
             if gid in first_seen:
