@@ -1,8 +1,13 @@
-"""Project hooks: fail fast on configuration errors, before any node runs or any model loads."""
+"""Project hooks: fail fast on configuration errors, and one run per project at a time."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+
+from rpo_pipeline.locks import RUN_LOCK_FILE, RunLock, prepare_sqlite_store, run_info
 
 
 class ValidateParameters:
@@ -22,3 +27,50 @@ class ValidateParameters:
         if loader.runtime_params:
             sources.append("--params")
         validate_project_params(loader["parameters"], source=" + ".join(sources))
+
+
+class SerializeRuns:
+    """Concurrent ``kedro run`` in one project: one runs, the other fails at once (``locks``).
+
+    * Context created: the SQLite tracking store is created / migrated under a file lock, before
+      kedro-mlflow opens it, so two processes on a fresh ``mlflow.db`` do not migrate it at once.
+    * Before the pipeline (and before kedro-mlflow starts its MLflow run): take the project's run
+      lock, or fail naming the run that holds it. Released after the run, failed or not; the
+      operating system releases it if the process dies.
+    """
+
+    def __init__(self) -> None:
+        self._lock: RunLock | None = None
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        loader = context.config_loader
+        if "mlflow" not in loader.config_patterns:  # as kedro-mlflow registers it
+            loader.config_patterns.update({"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]})
+        try:
+            uri = ((loader["mlflow"] or {}).get("server") or {}).get("mlflow_tracking_uri")
+        except MissingConfigException:  # no mlflow.yml: kedro-mlflow's defaults (no SQLite)
+            return
+        if uri:
+            prepare_sqlite_store(uri, Path.cwd())  # mlflow resolves relative sqlite paths from cwd
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params) -> None:
+        if self._lock is not None:
+            self._lock.release()
+        project = Path(run_params.get("project_path") or Path.cwd())
+        self._lock = RunLock(project / RUN_LOCK_FILE)
+        self._lock.acquire(run_info(run_params.get("pipeline_names"), run_params.get("env")))
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self) -> None:
+        self._release()
+
+    @hook_impl(trylast=True)
+    def on_pipeline_error(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
