@@ -25,6 +25,8 @@ def project(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "conf", dst / "conf")
     shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")
     (dst / "src").mkdir()
+    mlflow_yml = dst / "conf" / "base" / "mlflow.yml"  # its own store, not the checkout's mlflow.db
+    mlflow_yml.write_text(mlflow_yml.read_text().replace("sqlite:///mlflow.db", f"sqlite:///{dst / 'mlflow.db'}"))
     return dst
 
 
