@@ -146,7 +146,11 @@ RULES = [
     # the builtin model's sizes
     ({"base_model.model.n_head": 5}, "base_model.model.n_embd = 192 is not divisible by n_head = 5"),
     ({"base_model.tokenizer.vocab_size": 100}, "base_model.tokenizer.vocab_size = 100: must be greater than or"),
+    ({"reward_model.margin_column": "score_diff"}, "reward_model.margin_column = 'score_diff': must be "
+                                                   "'score_difference', 'score_chosen' or 'score_rejected'"),
     # rules between groups
+    ({"data_processing.use_chat_template": True}, "data_processing.use_chat_template is true but "
+                                                  "builtin:tiny-gpt2 has no chat template"),
     ({"data_processing.max_length": 300}, "data_processing.max_length = 300 exceeds base_model.model.n_positions"),
     ({"evaluation.sampling.max_new_tokens": 200}, "evaluation.sampling.max_new_tokens = 200 plus "
                                                   "data_processing.max_prompt_length = 64 exceeds"),

@@ -107,3 +107,14 @@ def test_4bit_footprint_is_a_fraction_of_full_precision(setup):
     q = load_backbone(setup["backbone"], load_in_4bit=True).get_memory_footprint()
     full = load_backbone(setup["backbone"], load_in_4bit=False).get_memory_footprint()
     assert q < 0.6 * full  # the tiny model is embedding-heavy; see the benchmark for gpt2 size
+
+
+def test_margin_column_without_scores_fails_before_any_model_loads(setup):
+    items, _, _ = pair_items(setup["tokenized"], setup["pairs"], "train", "score_difference")
+    scores = setup["pairs"]["score_chosen"] - setup["pairs"]["score_rejected"]
+    train = setup["pairs"]["split"] == "train"
+    assert [i[2] for i in items] == pytest.approx(scores[train].tolist())  # the default data has scores
+    unscored = setup["pairs"].assign(score_chosen=float("nan"))
+    with pytest.raises(ValueError, match=r"reward_model.margin_column 'score_difference': \d+ of \d+ train "
+                                         r"pairs have no finite value .* set margin_column: null"):
+        pair_items(setup["tokenized"], unscored, "train", "score_difference")

@@ -237,7 +237,7 @@ class RewardModelParams(Schema):
     head_input: Literal["hidden", "logits"]
     lora: LoraParams
     center_coef: NonNegFloat
-    margin_column: NonEmptyStr | None
+    margin_column: Literal["score_difference", "score_chosen", "score_rejected"] | None
     device: Device
     train: TrainParams
     score: BatchSize
@@ -362,6 +362,10 @@ class ProjectParams(Schema):
     def _sequences_fit_the_builtin_model(self) -> ProjectParams:
         if not self.base_model.builtin:
             return self
+        if self.data_processing.use_chat_template and self.base_model.chat_template is None:
+            raise RuleError("data_processing.use_chat_template", f"is true but {BUILTIN_TINY_GPT2} "
+                            "has no chat template: set base_model.chat_template (a Jinja template) "
+                            "or use_chat_template: false")
         positions = self.base_model.model.n_positions
         dp, sampling = self.data_processing, self.evaluation.sampling
         if dp.max_length > positions:

@@ -49,6 +49,11 @@ def pair_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
         margins = (p["score_chosen"] - p["score_rejected"]).to_numpy(dtype=float)
     else:
         margins = p[margin_column].to_numpy(dtype=float)
+    bad = ~np.isfinite(margins)
+    if bad.any():  # before any model loads: the data has no scores for these pairs
+        raise ValueError(f"reward_model.margin_column {margin_column!r}: {int(bad.sum())} of {len(p)} "
+                         f"{split} pairs have no finite value (e.g. group {p.loc[bad, 'group_id'].iloc[0]}); "
+                         "the data has no scores there: set margin_column: null")
     items = list(zip(p["chosen_ids"], p["rejected_ids"], margins, strict=True))
     lengths = [max(len(c), len(r)) for c, r, _ in items]
     return items, lengths, p
