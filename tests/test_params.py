@@ -74,7 +74,9 @@ RULES = [
     ({"reward_model.center_coef": -0.5}, "reward_model.center_coef = -0.5: must be greater than or equal"),
     ({"dpo.lora.dropout": 1.0}, "dpo.lora.dropout = 1.0: must be less than 1"),
     ({"dpo.lora.r": 0}, "dpo.lora.r = 0: must be greater than or equal to 1"),
-    ({"reward_model.lora.target_modules": []}, "reward_model.lora.target_modules = []: List should have at least"),
+    ({"reward_model.lora.target_modules": []}, "reward_model.lora.target_modules = []: must be 'auto' (the "
+                                               "architecture's projections), 'all-linear', or a non-empty list"),
+    ({"dpo.lora.target_modules": "attention"}, "dpo.lora.target_modules = 'attention': must be 'auto'"),
     ({"evaluation.max_prompts": 0}, "evaluation.max_prompts = 0: must be greater than or equal to 1"),
     ({"evaluation.sampling.n_samples": 0}, "evaluation.sampling.n_samples = 0: must be greater than or equal"),
     ({"evaluation.sampling.max_new_tokens": 0}, "evaluation.sampling.max_new_tokens = 0: must be greater than"),
@@ -125,8 +127,8 @@ RULES = [
     ({"dpo.train.lr": "1e-3"}, "dpo.train.lr = '1e-3' (str): must be a valid number"),
     ({"dpo.train.steps": 1.5}, "dpo.train.steps = 1.5 (float): must be a valid integer"),
     ({"dpo.disable_dropout": "yes"}, "dpo.disable_dropout = 'yes' (str): must be a valid boolean"),
-    ({"reward_model.lora.target_modules": "c_attn"},
-     "reward_model.lora.target_modules = 'c_attn' (str): must be a valid list"),
+    ({"reward_model.lora.target_modules": "c_attn"}, "reward_model.lora.target_modules = 'c_attn': must be "
+                                                     "'auto' (the architecture's projections), 'all-linear', or"),
     # accepted but ignored settings are errors
     ({"dpo.loss": "ipo", "dpo.label_smoothing": 0.1},
      "dpo.label_smoothing = 0.1 would be ignored: only the sigmoid loss (cDPO) uses it, and loss is 'ipo'"),

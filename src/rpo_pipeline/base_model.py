@@ -5,6 +5,7 @@ Kedro-free.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from transformers import (
 if TYPE_CHECKING:
     from rpo_pipeline.params import BaseModelParams
 
+log = logging.getLogger(__name__)
 BUILTIN_TINY_GPT2 = "builtin:tiny-gpt2"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -50,12 +52,73 @@ def build_tiny_gpt2(tokenizer: PreTrainedTokenizerFast, n_layer: int = 4, n_embd
 
 
 def load_pretrained(name_or_path: str, **load_args: Any) -> tuple[PreTrainedModel, Any]:
-    """Causal LM and tokenizer from a local directory or a Hub id; pad token defaults to EOS."""
+    """Causal LM and its own tokenizer from a local directory or a Hub id.
+
+    A tokenizer without a pad token gets its EOS token as pad (logged): padding is always masked
+    (attention and loss masks come from lengths, never from the pad id), so sharing the id is safe.
+    """
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{name_or_path}: the tokenizer has no EOS token; responses end with EOS, so "
+                         "set one (tokenizer.eos_token) and save the tokenizer again")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+        log.info("%s: the tokenizer has no pad token; padding with its EOS token %r (id %d)",
+                 name_or_path, tokenizer.eos_token, tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_args)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's position embeddings cover (None if unbounded/unknown)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+# LoRA targets per architecture (model_type): attention and MLP projections. Others: "all-linear"
+# (peft: every Linear / Conv1D / Linear4bit layer except the output embedding).
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    **{t: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+       for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")},
+}
+
+
+def linear_layer_names(model: torch.nn.Module) -> set[str]:
+    """Last name components of the model's linear layers (Linear, GPT-2 Conv1D, bnb Linear4bit),
+    the output embedding excluded: what ``lora.target_modules`` can name."""
+    from transformers.pytorch_utils import Conv1D
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear | Conv1D) and m is not out_emb and name}
+
+
+def lora_target_modules(model: torch.nn.Module, spec: str | list[str], key: str = "lora.target_modules"
+                        ) -> str | list[str]:
+    """Resolve ``lora.target_modules`` for ``model``.
+
+    ``auto``: the architecture's projections (``LORA_TARGETS``), else ``all-linear``;
+    ``all-linear``: peft's every-linear-layer shorthand; a list: every name must be one of the
+    model's linear layers, else a ``ValueError`` lists them.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    if spec == "auto":
+        spec = LORA_TARGETS.get(model_type, "all-linear")
+    if spec == "all-linear":
+        return spec
+    available = linear_layer_names(model)
+    unknown = [m for m in spec if m not in available]
+    if unknown:
+        raise ValueError(f"{key}: {unknown} match no linear layer of this {model_type} model; its "
+                         f"linear layers are {sorted(available)}. Use names from that list, 'auto' "
+                         "(per architecture) or 'all-linear'")
+    return list(spec)
 
 
 def make_base_model(params: BaseModelParams, training_texts: Iterable[str]

@@ -121,7 +121,16 @@ class LoraParams(Schema):
     r: PosInt
     alpha: PosInt
     dropout: Annotated[float, Field(ge=0, lt=1)]
-    target_modules: Annotated[list[NonEmptyStr], Field(min_length=1)]
+    target_modules: Any  # auto (per architecture) | all-linear | [layer names]: base_model.lora_target_modules
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        if v in ("auto", "all-linear") or (isinstance(v, list) and v and all(isinstance(x, str) and x
+                                                                               for x in v)):
+            return v
+        raise ValueError("must be 'auto' (the architecture's projections), 'all-linear', or a "
+                         "non-empty list of linear layer names")
 
 
 class PolicyLoraParams(LoraParams):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from rpo_pipeline.base_model import lora_target_modules
 from rpo_pipeline.batching import collate, length_bucketed_batches
 
 HEAD_FILE, CONFIG_FILE = "reward_head.safetensors", "reward_model.json"
@@ -38,7 +39,7 @@ class RewardModelConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    target_modules: str | list[str] = "auto"  # see base_model.lora_target_modules; saved resolved
 
     def __post_init__(self) -> None:
         if self.head_input not in ("hidden", "logits"):
@@ -91,6 +92,8 @@ class RewardModel(torch.nn.Module):
         backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype)
         if config.load_in_4bit:
             backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+        config = replace(config, target_modules=lora_target_modules(
+            backbone, config.target_modules, "reward_model.lora.target_modules"))
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                           lora_dropout=config.lora_dropout, target_modules=config.target_modules,
                           bias="none")

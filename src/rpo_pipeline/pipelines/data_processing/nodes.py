@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from rpo_pipeline.base_model import make_base_model
+from rpo_pipeline.base_model import make_base_model, max_positions
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.params import BaseModelParams, DataProcessingParams
 from rpo_pipeline.preference_data import SPLITS, assign_splits, groups_to_pairs, ingest
@@ -58,6 +58,10 @@ def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: 
             yield from responses
 
     model, tokenizer = make_base_model(base, texts())
+    limit, max_length = max_positions(model), DataProcessingParams.parse(params).max_length
+    if limit is not None and max_length > limit:
+        raise ValueError(f"data_processing.max_length = {max_length} exceeds the {limit} positions of "
+                         f"{base.name_or_path}; lower it to at most {limit}")
     log.info("base model %s: %.2f M parameters, vocab %d", base.name_or_path,
              model.num_parameters() / 1e6, len(tokenizer))
     return model, tokenizer

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from peft import LoraConfig, get_peft_model
 
+from rpo_pipeline.base_model import lora_target_modules
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.losses import preference_loss, reward_aware_loss
 from rpo_pipeline.params import DpoParams, PolicyParams, RpoParams
@@ -50,9 +51,9 @@ def _run(sft_model: PretrainedHandle, items: list, lengths: list[int], collate: 
         disable_dropout(model)
     lora = p.lora
     if lora.enabled:
+        targets = lora_target_modules(model, lora.target_modules, f"{p.name}.lora.target_modules")
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha,
-                                                 lora_dropout=lora.dropout,
-                                                 target_modules=list(lora.target_modules)))
+                                                 lora_dropout=lora.dropout, target_modules=targets))
     result = train(model, items, lengths, collate, loss_fn, cfg, desc=p.name, eval_fn=eval_fn)
     if lora.enabled:
         model = model.merge_and_unload()

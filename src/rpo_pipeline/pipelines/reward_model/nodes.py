@@ -80,7 +80,7 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
     config = RewardModelConfig(backbone_path=backbone, load_in_4bit=p.load_in_4bit,
                                compute_dtype=p.compute_dtype, head_input=p.head_input,
                                lora_r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
-                               target_modules=list(p.lora.target_modules))
+                               target_modules=p.lora.target_modules)
     cfg = TrainConfig(**p.train.model_dump(), device=p.device)
     model = RewardModel.for_training(config, seed=cfg.seed)
     collate = pair_collate(tokenizer.load().pad_token_id)
