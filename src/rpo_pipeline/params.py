@@ -70,13 +70,14 @@ class Schema(BaseModel):
     group: ClassVar[str] = ""  # the parameter group a top-level schema validates
 
     @classmethod
-    def parse(cls, params: Any, prefix: str | None = None) -> Any:
-        """The validated model of ``params``; ``ParameterError`` naming ``<prefix>.<key>`` if not."""
+    def parse(cls, params: Any, prefix: str | None = None, source: str = "") -> Any:
+        """The validated model of ``params``; ``ParameterError`` naming ``<prefix>.<key>`` (and the
+        configuration ``source``) if not."""
         try:
             return cls.model_validate(params)
         except ValidationError as e:
-            raise ParameterError(format_errors(e, cls, prefix if prefix is not None else cls.group)
-                                 ) from None
+            prefix = prefix if prefix is not None else cls.group
+            raise ParameterError(format_errors(e, cls, prefix, source)) from None
 
 
 # ---- shared blocks ------------------------------------------------------------------------------
@@ -395,10 +396,7 @@ def validate_project_params(params: dict[str, Any], source: str = "") -> Project
 
     ``source`` (e.g. ``conf/base + conf/hh_rlhf + --params``) is named in the message.
     """
-    try:
-        return ProjectParams.model_validate(params)
-    except ValidationError as e:
-        raise ParameterError(format_errors(e, ProjectParams, "", source)) from None
+    return ProjectParams.parse(params, prefix="", source=source)
 
 
 # ---- messages -----------------------------------------------------------------------------------

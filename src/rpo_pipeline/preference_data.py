@@ -565,21 +565,20 @@ def ingest(df: pd.DataFrame, fmt: str = "auto", on_invalid: str = "raise",
     read_errors = ([e if isinstance(e, str) else None for e in df[READ_ERROR]]
                    if READ_ERROR in df.columns else [None] * len(df))
     files, rows = df[SOURCE_FILE].tolist(), df[SOURCE_ROW].tolist()
-    readable = df[[e is None for e in read_errors]]
-    if not len(readable):
+    readable_rows = [e is None for e in read_errors]
+    if not any(readable_rows):
         i = next(i for i, e in enumerate(read_errors) if e is not None) if len(df) else None
         first = f"; the first: {files[i]}: row {rows[i]}: {read_errors[i]}" if i is not None else ""
         raise PreferenceDataError(f"{source}: no row could be read{first}")
 
-    readable = normalize_columns(readable, columns)
-    formats = _file_formats(readable, fmt)
+    df = normalize_columns(df, columns)
+    formats = _file_formats(df[readable_rows], fmt)
     if len(set(formats.values())) > 1:
         found = "; ".join(f"{f}: {k}{' with scores' if sc else ''}" for f, (k, sc) in formats.items())
         raise PreferenceDataError(
             f"files of different formats under one path: {found}. Read each format through its own "
             "catalog entry (or convert them to one format)")
     fmt, has_scores = next(iter(formats.values()))
-    df = normalize_columns(df, columns)
 
     needed = list(REQUIRED_COLUMNS[fmt]) + (["score_chosen", "score_rejected"] if has_scores else [])
     col_values = {c: df[c].tolist() if c in df.columns else [None] * len(df) for c in needed}

@@ -47,10 +47,9 @@ def make_pairs(groups: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
 def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: dict[str, Any]
                      ) -> tuple[Any, Any]:
     """Base causal LM and tokenizer; the builtin tokenizer is trained on the train split's text."""
-    base = BaseModelParams.parse(base_params)
+    base, p = BaseModelParams.parse(base_params), DataProcessingParams.parse(params)
     train = groups[groups["split"] == "train"]
-    template_words = Template.parse(DataProcessingParams.parse(params).template).prefix.replace(
-        "{prompt}", " ")
+    template_words = Template.parse(p.template).prefix.replace("{prompt}", " ")
 
     def texts():
         for prompt, responses in zip(train["prompt"], train["responses"], strict=True):
@@ -58,9 +57,9 @@ def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: 
             yield from responses
 
     model, tokenizer = make_base_model(base, texts())
-    limit, max_length = max_positions(model), DataProcessingParams.parse(params).max_length
-    if limit is not None and max_length > limit:
-        raise ValueError(f"data_processing.max_length = {max_length} exceeds the {limit} positions of "
+    limit = max_positions(model)
+    if limit is not None and p.max_length > limit:
+        raise ValueError(f"data_processing.max_length = {p.max_length} exceeds the {limit} positions of "
                          f"{base.name_or_path}; lower it to at most {limit}")
     log.info("base model %s: %.2f M parameters, vocab %d", base.name_or_path,
              model.num_parameters() / 1e6, len(tokenizer))
