@@ -81,17 +81,13 @@ def _decompress(raw: bytes, kind: str, path: str) -> bytes:
     return bytes(out)
 
 
-def _utf8_error(path: str, raw: bytes, e: UnicodeDecodeError, base: int = 0, line: int | None = None
-                ) -> str:
-    """Where a UTF-8 error is: the line and the byte offset in the (decompressed) file."""
-    offset = base + e.start
-    if line is None:
-        line = raw.count(b"\n", 0, e.start) + 1
-    return (f"line {line}: not valid UTF-8 at byte offset {offset} ({raw[e.start:e.start + 4]!r}); "
+def _utf8_reason(data: bytes, e: UnicodeDecodeError, base: int = 0) -> str:
+    """A UTF-8 error of ``data`` (which starts at byte ``base`` of the decompressed file)."""
+    return (f"not valid UTF-8 at byte offset {base + e.start} ({data[e.start:e.start + 4]!r}); "
             "save the file as UTF-8")
 
 
-def _read_jsonl(raw: bytes, path: str) -> tuple[list[dict], list[int], list[str | None]]:
+def _read_jsonl(raw: bytes) -> tuple[list[dict], list[int], list[str | None]]:
     """Records, their line numbers, and per line the reason it could not be read (or None).
 
     A line that is not UTF-8, not JSON, cut off mid-value or not an object is a row-level problem:
@@ -107,7 +103,7 @@ def _read_jsonl(raw: bytes, path: str) -> tuple[list[dict], list[int], list[str 
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            error = _utf8_error(path, line, e, base=start, line=lineno).split(": ", 1)[1]
+            error = _utf8_reason(line, e, base=start)
         else:
             try:
                 value = json.loads(text)
@@ -154,7 +150,7 @@ def read_preference_file(path: str, file_format: str | None = None) -> pd.DataFr
         raise PreferenceDataError(f"{path}: the file is empty")
     read_errors = None
     if ext in ("jsonl", "ndjson"):
-        records, rows, read_errors = _read_jsonl(raw, path)
+        records, rows, read_errors = _read_jsonl(raw)
         df = pd.DataFrame(records)  # one row per non-blank line, also when none could be read
     elif ext == "parquet":
         try:
@@ -167,7 +163,8 @@ def read_preference_file(path: str, file_format: str | None = None) -> pd.DataFr
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise PreferenceDataError(f"{path}: {_utf8_error(path, raw, e)}") from None
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise PreferenceDataError(f"{path}: line {line}: {_utf8_reason(raw, e)}") from None
         if ext == "json":
             try:
                 data = json.loads(text)
