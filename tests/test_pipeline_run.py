@@ -134,7 +134,7 @@ def test_dpo_pipeline_logs_trl_metrics_and_saves_policy(project_copy):
 
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "dpo_policy")]
     assert "dpo_policy/model.safetensors" in artifacts
-    assert (project_copy / "data/06_models/dpo_checkpoints/last/trainer_state.pt").exists()
+    assert (project_copy / "data/06_models/dpo_checkpoints/last/trainer_state.json").exists()
 
 
 def test_dpo_unknown_loss_fails_at_start_with_valid_names(project_copy):

@@ -155,7 +155,7 @@ def test_disable_dropout_makes_train_mode_log_probs_equal_eval_mode():
     """Policy log-probs in training must be comparable with the cached (eval-mode) π_ref's."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rpo_pipeline.pipelines.policy_training.nodes import disable_dropout
+    from rpo_pipeline.jobs import disable_dropout
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=16, n_embd=16, n_layer=1, n_head=2))

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-BACKENDS = ("auto", "gloo", "nccl")
+from rpo_pipeline.params import BACKENDS
 
 
 class WorkerError(RuntimeError):
@@ -56,6 +56,8 @@ def _worker(fn: Callable[..., Any], args: tuple, backend: str, timeout_s: float,
     if backend == "gloo":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: the host name may not resolve
     torch.set_num_threads(threads)
+    if backend == "nccl":  # one GPU per local rank (``cuda`` in the workers means this one)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     result = fn(*args)  # on an error, exit at once (no tear-down): the agent stops the others
     dist.destroy_process_group()

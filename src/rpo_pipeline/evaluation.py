@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from rpo_pipeline.batching import collate
 from rpo_pipeline.params import GOLD_JUDGES, GoldJudgeArgs, SamplingConfig
-from rpo_pipeline.training import resolve_device
+from rpo_pipeline.training import local_device, resolve_device, world
 
 Judge = Callable[[list[str]], np.ndarray]
 
@@ -58,16 +58,18 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: Samp
 
     Prompts are left-padded in length-sorted batches; batch b is sampled after
     ``torch.manual_seed(cfg.seed + b)``, so two policies given the same prompts draw with the same
-    random stream.
+    random stream. In a process group each rank samples every N-th batch, with that batch's seed
+    (empty lists elsewhere): the samples do not depend on the number of processes.
     """
-    dev = resolve_device(device)
+    rank, size = world()
+    dev = local_device(device)
     model.to(dev).eval()
     n = 1 if greedy else cfg.n_samples
     order = np.argsort([-len(p) for p in prompts], kind="stable")
     out: list[list[list[int]]] = [[] for _ in prompts]
     logps: list[list[float]] = [[] for _ in prompts]
-    starts = range(0, len(order), cfg.batch_size)
-    for b, i in enumerate(tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True)):
+    mine = list(enumerate(range(0, len(order), cfg.batch_size)))[rank::size]
+    for b, i in tqdm(mine, desc=desc, disable=not progress or rank > 0, dynamic_ncols=True):
         idx = order[i:i + cfg.batch_size]
         batch = collate([prompts[j] for j in idx], [0] * len(idx), pad_id, padding_side="left")
         torch.manual_seed(cfg.seed + b)

@@ -11,6 +11,29 @@ import torch.nn.functional as F
 from rpo_pipeline.batching import response_logprobs
 
 
+def token_mean(total: torch.Tensor, tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``total / tokens``: a sum over response tokens divided by their number.
+
+    Data parallel, ``training.train`` puts this rank's ``shard_weight`` w_r = N·n_r/n in the batch
+    and scales the whole loss by it, which makes per-item means global. A per-token mean needs the
+    global token count T instead: the term is multiplied by (T_r / T) / (n_r / n), so that after
+    the loop's weighting and DDP's average it is Σ_r total_r / T, exactly the mean over the tokens
+    of the global batch (an all-reduce of the token counts).
+    """
+    loss = total / tokens.clamp(min=1)
+    weight = batch.get("shard_weight")
+    if weight is None:
+        return loss
+    import torch.distributed as dist
+
+    mine = tokens.detach().to(torch.float64) * float(weight > 0)
+    everyone = mine.clone()
+    dist.all_reduce(everyone)
+    if weight == 0:
+        return loss * 0.0
+    return loss * (mine / everyone.clamp(min=1) / (weight / dist.get_world_size())).to(loss.dtype)
+
+
 def sft_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]
             ) -> tuple[torch.Tensor, dict[str, float]]:
     """Response negative log-likelihood, averaged over response tokens in the batch.
@@ -18,7 +41,7 @@ def sft_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     L = - (1 / Σ_b |y_b|) Σ_b Σ_{t ∈ y_b} log π(y_t | x, y_<t);  the prompt x is not scored.
     """
     logp_sum, n_tokens, _ = response_logprobs(model, batch)
-    loss = -logp_sum.sum() / n_tokens.sum().clamp(min=1)
+    loss = token_mean(-logp_sum.sum(), n_tokens.sum(), batch)
     return loss, {"tokens": float(n_tokens.sum())}
 
 
@@ -101,7 +124,7 @@ def preference_loss(name: str, beta: float, label_smoothing: float = 0.0, sft_we
         delta = ratio[:b] - ratio[b:]
         loss = pair_loss(delta, beta, label_smoothing).mean()
         if sft_weight:
-            loss = loss + sft_weight * (-logp[:b].sum() / n_tokens[:b].sum().clamp(min=1))
+            loss = loss + sft_weight * token_mean(-logp[:b].sum(), n_tokens[:b].sum(), batch)
         rewards = beta * ratio.detach()
         r_c, r_r = rewards[:b], rewards[b:]
         return loss, {
@@ -195,7 +218,7 @@ def reward_aware_loss(distance: str, beta: float, eta: float, average_logps: boo
         loss = per_group.mean()
         if sft_weight:
             top = b.argmax(-1) + torch.arange(a.shape[0], device=b.device) * k
-            loss = loss + sft_weight * (-logp[top].sum() / n_tokens[top].sum().clamp(min=1))
+            loss = loss + sft_weight * token_mean(-logp[top].sum(), n_tokens[top].sum(), batch)
         return loss, {
             "rewards/chosen": float(r_c.mean()), "rewards/rejected": float(r_r.mean()),
             "rewards/accuracies": float((r_c > r_r).float().mean()),

@@ -36,6 +36,7 @@ from rpo_pipeline.reward_model import DTYPES
 from rpo_pipeline.text_format import Template
 
 GOLD_JUDGES = ("vader", "none", "hf_classifier")
+BACKENDS = ("auto", "gloo", "nccl")
 # transformers schedulers that need nothing beyond warmup and total steps
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
              "constant_with_warmup", "inverse_sqrt")
@@ -95,6 +96,9 @@ class TrainParams(Schema):
     seed: int
     log_every: PosInt
     progress: bool
+    num_processes: PosInt  # data-parallel workers (1: in the node's process)
+    strategy: Literal["ddp", "fsdp"]  # how the workers share the model (accelerate)
+    backend: Literal[BACKENDS]  # torch.distributed backend; auto: nccl on CUDA, gloo otherwise
 
 
 class PolicyTrainParams(TrainParams):
@@ -138,8 +142,12 @@ class PolicyLoraParams(LoraParams):
     enabled: bool
 
 
-class BatchSize(Schema):
+class InferenceParams(Schema):
+    """Batched inference (log-probs, reward scores), sharded by batch over ``num_processes``."""
+
     batch_size: PosInt
+    num_processes: PosInt
+    backend: Literal[BACKENDS]
 
 
 # ---- base_model ---------------------------------------------------------------------------------
@@ -235,7 +243,7 @@ class ReferenceParams(Schema):
     group: ClassVar[str] = "reference"
     device: Device
     sft: SftParams
-    logprobs: BatchSize
+    logprobs: InferenceParams
 
 
 # ---- reward_model -------------------------------------------------------------------------------
@@ -250,7 +258,7 @@ class RewardModelParams(Schema):
     margin_column: Literal["score_difference", "score_chosen", "score_rejected"] | None
     device: Device
     train: TrainParams
-    score: BatchSize
+    score: InferenceParams
 
     @model_validator(mode="after")
     def _compute_dtype_needs_4bit(self) -> RewardModelParams:
@@ -337,6 +345,8 @@ class EvaluationParams(Schema):
     batch_size: PosInt
     device: Device
     progress: bool
+    num_processes: PosInt  # sampling and scoring sharded by batch (samples do not depend on it)
+    backend: Literal[BACKENDS]
 
     @model_validator(mode="after")
     def _judge_model_matches_judge(self) -> EvaluationParams:

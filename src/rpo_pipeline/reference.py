@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rpo_pipeline.batching import collate, length_bucketed_batches, response_logprobs
-from rpo_pipeline.training import resolve_device, to_device
+from rpo_pipeline.training import local_device, to_device, world
 
 # Bump when the log-prob computation changes meaning; it is part of the cache fingerprint.
 LOGPROB_VERSION = 1
@@ -46,14 +46,17 @@ def score_responses(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-prob and response token count of every sequence, in input order.
 
-    Batches are sorted by length (least padding); float32 on the given device.
+    Batches are sorted by length (least padding); float32 on the given device. In a process
+    group each rank computes every N-th batch (zeros elsewhere): the batches, and so the values,
+    are those of one process, and summing the ranks' arrays gives its table exactly.
     """
-    dev = resolve_device(device)
+    dev = local_device(device)
     model.to(dev).eval()
     lengths = [len(x) for x in input_ids]
     logp = np.zeros(len(input_ids), dtype=np.float64)
     count = np.zeros(len(input_ids), dtype=np.int64)
-    batches = length_bucketed_batches(lengths, batch_size, seed=0, shuffle=False)
+    rank, size = world()
+    batches = length_bucketed_batches(lengths, batch_size, seed=0, shuffle=False)[rank::size]
     for idx in tqdm(batches, desc="reference log-probs", disable=not progress, dynamic_ncols=True):
         batch = collate([input_ids[i] for i in idx], [response_starts[i] for i in idx], pad_id,
                         padding_side)

@@ -57,12 +57,22 @@ def load_backbone(path: str, load_in_4bit: bool = True, compute_dtype: str = "fl
     38.6 M-parameter embedding is not quantized).
     """
     if not load_in_4bit:
-        return AutoModelForCausalLM.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(
+            path, **({} if device_map in (None, "cpu") else {"device_map": device_map}))
     dtype = DTYPES[compute_dtype]
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
                                                 device_map=device_map)
+
+
+def _device_map(device: str) -> str | dict[str, int]:
+    """Where ``from_pretrained`` puts a 4-bit backbone: ``cpu``, or this process's GPU."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if device.startswith("cuda:"):
+        return {"": int(device.split(":")[1])}
+    return {"": torch.cuda.current_device()}
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -86,10 +96,13 @@ class RewardModel(torch.nn.Module):
             torch.nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def for_training(cls, config: RewardModelConfig, seed: int = 0) -> RewardModel:
-        """Fresh backbone (4-bit if configured) + new LoRA adapter + new head, seeded."""
+    def for_training(cls, config: RewardModelConfig, seed: int = 0, device: str = "cpu"
+                     ) -> RewardModel:
+        """Fresh backbone (4-bit if configured, on ``device``: bitsandbytes' CUDA kernels on a
+        GPU) + new LoRA adapter + new head, seeded."""
         torch.manual_seed(seed)
-        backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype)
+        backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype,
+                                 device_map=_device_map(device))
         if config.load_in_4bit:
             backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
         config = replace(config, target_modules=lora_target_modules(
@@ -117,15 +130,16 @@ class RewardModel(torch.nn.Module):
         (Path(path) / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: str, **_: Any) -> RewardModel:
-        """A fresh copy for inference: backbone (4-bit if saved so) + adapter + head."""
+    def from_pretrained(cls, path: str, device: str = "cpu", **_: Any) -> RewardModel:
+        """A fresh copy for inference on ``device``: backbone (4-bit if saved so) + adapter + head."""
         config = RewardModelConfig(**json.loads((Path(path) / CONFIG_FILE).read_text()))
-        backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype)
+        backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype,
+                                 device_map=_device_map(device))
         backbone = PeftModel.from_pretrained(backbone, path, is_trainable=False)
         cfg = backbone.config
         head = torch.nn.Linear(cfg.vocab_size if config.head_input == "logits" else cfg.hidden_size, 1)
         head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
-        return cls(backbone, config, head).eval()
+        return cls(backbone, config, head.to(backbone.device)).eval()
 
 
 def pair_collate(pad_id: int):
@@ -141,12 +155,20 @@ def pair_collate(pad_id: int):
 @torch.inference_mode()
 def score(model: RewardModel, sequences: Sequence[Sequence[int]], pad_id: int,
           batch_size: int = 64) -> list[float]:
-    """Rewards of token sequences, in input order (length-sorted batches)."""
+    """Rewards of token sequences, in input order (length-sorted batches).
+
+    In a process group each rank scores every N-th batch (0.0 elsewhere; see
+    ``reference.score_responses``).
+    """
+    from rpo_pipeline.training import world
+
     model.eval()
+    rank, size = world()
     out = [0.0] * len(sequences)
-    for idx in length_bucketed_batches([len(s) for s in sequences], batch_size, 0, shuffle=False):
+    batches = length_bucketed_batches([len(s) for s in sequences], batch_size, 0, shuffle=False)
+    for idx in batches[rank::size]:
         b = collate([sequences[i] for i in idx], [0] * len(idx), pad_id, padding_side="left")
-        rewards = model(**b)
+        rewards = model(**{k: v.to(model.head.weight.device) for k, v in b.items()})
         for i, r in zip(idx, rewards.tolist(), strict=True):
             out[i] = r
     return out

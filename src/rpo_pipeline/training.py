@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -22,7 +23,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rpo_pipeline.atomic import atomic_dir
 from rpo_pipeline.batching import iterate_batches, length_bucketed_batches
 from rpo_pipeline.params import Device, NonNegInt, TrainParams
 
@@ -59,6 +59,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def local_device(name: str) -> torch.device:
+    """``resolve_device``, except that ``cuda`` in a process group means this rank's GPU."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -72,37 +80,116 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-CHECKPOINT_STATE = "trainer_state.pt"
+CHECKPOINT_STATE = "trainer_state.json"  # step, world size and history; accelerate writes the rest
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, scheduler, step: int,
-                    result: TrainResult) -> None:
-    """Atomically write ``directory/last``: weights (save_pretrained) + optimizer, scheduler, RNG."""
-    with atomic_dir(Path(directory) / "last") as tmp:
-        model.save_pretrained(str(tmp))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "history": result.history, "log_steps": result.log_steps},
-                   tmp / CHECKPOINT_STATE)
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless ``torch.distributed`` is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def load_checkpoint_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Load save_pretrained weights into ``model`` in place (a peft adapter or a full model)."""
-    from peft import PeftModel, set_peft_model_state_dict
-    from safetensors.torch import load_file
+def shard(batch: list[int], rank: int, world_size: int) -> tuple[list[int], float]:
+    """This rank's contiguous part of a global batch and its loss weight.
 
-    if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
-        return
-    missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")),
-                                                strict=False)
-    model.tie_weights()
-    tied = {k for k in missing if "lm_head" in k or k.endswith("wte.weight")}
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"{directory}: checkpoint does not match the model (missing "
-                         f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    Parts differ in size by at most one. DDP averages gradients over ranks, so scaling each rank's
+    mean loss by ``world_size * n_rank / n`` makes the update that of the mean over the whole global
+    batch: N processes with per-process batch b step exactly like 1 process with batch N·b. A rank
+    whose part is empty (a global batch smaller than the world) gets one item with weight 0, so
+    that it still takes part in the gradient all-reduce.
+    """
+    if world_size == 1:
+        return batch, 1.0
+    bounds = [len(batch) * r // world_size for r in range(world_size + 1)]
+    part = batch[bounds[rank]:bounds[rank + 1]]
+    if not part:
+        return batch[:1], 0.0
+    return part, world_size * len(part) / len(batch)
+
+
+def _all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum ``values`` (the same keys on every rank) over all ranks."""
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def save_checkpoint(accelerator, directory: str | Path, step: int, result: TrainResult) -> None:
+    """Atomically replace ``directory/last`` with accelerate's state (weights, optimizer,
+    scheduler, each rank's RNG) and ``trainer_state.json`` (step, world size, history).
+
+    Every rank writes into one temporary sibling directory; rank 0 swaps it in once all are done.
+    """
+    last = Path(directory) / "last"
+    tmp = last.with_name(f".last.tmp-{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({
+            "step": step, "world_size": accelerator.num_processes, "history": result.history,
+            "log_steps": result.log_steps}))
+        old = last.with_name(f".last.old-{step}")
+        if last.exists():
+            last.rename(old)
+        tmp.rename(last)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, model: torch.nn.Module, last: Path, result: TrainResult) -> int:
+    """Restore accelerate's state from ``last`` into the prepared objects; the step to go on from.
+
+    The checkpoint must come from the same number of processes (DDP's saved keys, the per-rank RNG
+    files and the data shards depend on it), and its weights must match the model: accelerate loads
+    them non-strictly (tied weights are saved once), so the keys are checked here.
+    """
+    from safetensors import safe_open
+
+    state = json.loads((last / CHECKPOINT_STATE).read_text())
+    if state["world_size"] != accelerator.num_processes:
+        raise ValueError(f"{last}: the checkpoint was written by {state['world_size']} processes; "
+                         f"resume with num_processes: {state['world_size']} (this run has "
+                         f"{accelerator.num_processes}) or set resume: false")
+    with safe_open(str(last / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    expected = set(model.state_dict())
+    tied = {k for k in expected - saved if "lm_head" in k or k.endswith("wte.weight")
+            or "embed_tokens" in k}
+    if saved - expected or expected - saved - tied:
+        raise ValueError(f"{last}: checkpoint does not match the model (missing "
+                         f"{sorted(expected - saved - tied)[:3]}, unexpected {sorted(saved - expected)[:3]})")
+    accelerator.load_state(str(last), strict=False)
+    result.history, result.log_steps = state["history"], state["log_steps"]
+    return int(state["step"])
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An ``accelerate.Accelerator`` for ``cfg``: device, gradient accumulation, mixed precision
+    (bf16 only where the device has it), and DDP or FSDP when the process group has >1 rank.
+
+    The scheduler steps once per optimizer step (``step_scheduler_with_optimizer=False``): ``steps``
+    counts optimizer steps whatever the number of processes, each over ``num_processes`` batches.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+
+    device = resolve_device(cfg.device)
+    bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    _, size = world()
+    fsdp = FullyShardedDataParallelPlugin() if size > 1 and cfg.strategy == "fsdp" else None
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
+                       gradient_accumulation_steps=cfg.grad_accum,
+                       step_scheduler_with_optimizer=False, fsdp_plugin=fsdp,
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
 def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
@@ -111,58 +198,64 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
           ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps; return the logged history.
 
-    ``eval_fn(model) -> metrics`` runs every ``cfg.eval_every`` steps and at the end; its metrics
-    are logged with an ``eval_`` prefix. A non-finite loss or gradient norm stops training
-    (``FloatingPointError``) before the optimizer step, so the weights and the last checkpoint stay
-    the last good state.
+    Runs on ``accelerate.Accelerator``; inside a ``torch.distributed`` process group of N ranks
+    (``distributed.run_workers``) it is data parallel: every step takes ``grad_accum`` global
+    batches of N·``batch_size`` items from one seeded, length-bucketed order, and each rank trains
+    on its ``shard``. Logged metrics are means over the global batch; ``items_per_second`` counts
+    the items of all ranks. ``eval_fn(model) -> metrics`` runs every ``cfg.eval_every`` steps and
+    at the end on every rank (see ``evaluate``); its metrics are logged with an ``eval_`` prefix. A
+    non-finite loss or gradient norm stops training (``FloatingPointError``) before the optimizer
+    step, so the weights and the last checkpoint stay the last good state.
     """
-    device = resolve_device(cfg.device)
+    rank, size = world()
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
     torch.manual_seed(cfg.seed)
-    model.to(device).train()
+    model.train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     result, start = TrainResult(), 0
     last = Path(cfg.checkpoint_dir) / "last" if cfg.checkpoint_dir else None
     if cfg.resume and last is not None and (last / CHECKPOINT_STATE).exists():
-        state = torch.load(last / CHECKPOINT_STATE, weights_only=True)
-        load_checkpoint_weights(model, last)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start, result.history, result.log_steps = state["step"], state["history"], state["log_steps"]
-    batches = iterate_batches(len(items), lengths, cfg.batch_size, cfg.seed)
+        start = load_checkpoint(accelerator, wrapped, last, result)
+    batches = iterate_batches(len(items), lengths, cfg.batch_size * size, cfg.seed)
     for _ in range(start * cfg.grad_accum):  # same data order as an uninterrupted run
         next(batches)
-    autocast = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     window: dict[str, float] = defaultdict(float)
     window_steps, seen, t0 = 0, 0, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress,
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress or rank > 0,
                dynamic_ncols=True)
 
     for step in range(start + 1, cfg.steps + 1):
-        # forward/backward over grad_accum micro-batches
+        # forward/backward over grad_accum micro-batches (gradients synchronised on the last)
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, float] = defaultdict(float)
         for _ in range(cfg.grad_accum):
             _, idx = next(batches)
-            batch = to_device(collate([items[i] for i in idx]), device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss, metrics = loss_fn(model, batch)
-            (loss / cfg.grad_accum).backward()
-            step_metrics["loss"] += loss.item() / cfg.grad_accum
+            part, weight = shard(idx, rank, size)
+            batch = to_device(collate([items[i] for i in part]), device)
+            if size > 1:
+                batch["shard_weight"] = weight  # for per-token means (losses.token_mean)
+            with accelerator.accumulate(wrapped):
+                with accelerator.autocast():
+                    loss, metrics = loss_fn(wrapped, batch)
+                accelerator.backward(loss if size == 1 else loss * weight)
+            share = 1.0 if size == 1 else weight / size  # this rank's share of the global mean
+            step_metrics["loss"] += share * loss.item() / cfg.grad_accum
             for k, v in metrics.items():
-                step_metrics[k] += v / cfg.grad_accum
+                step_metrics[k] += share * v / cfg.grad_accum
             seen += len(idx)
+        if size > 1:
+            step_metrics = defaultdict(float, _all_reduce_sum(step_metrics, device))
         if not math.isfinite(step_metrics["loss"]):
             raise FloatingPointError(
                 f"{desc}: loss is {step_metrics['loss']} at step {step}; stopped before the "
                 f"optimizer step (last good checkpoint: {last if last and last.exists() else 'none'})")
 
         # clip, step, schedule (a non-finite gradient stops training like a non-finite loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
         if not math.isfinite(float(grad_norm)):
             raise FloatingPointError(
                 f"{desc}: gradient norm is {float(grad_norm)} at step {step} (loss "
@@ -187,18 +280,20 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
             window, window_steps = defaultdict(float), 0
         if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
                                     or step == cfg.steps):
-            for k, v in eval_fn(model).items():
+            for k, v in eval_fn(accelerator.unwrap_model(wrapped)).items():
                 result.history.setdefault(f"eval_{k}", []).append(v)
             result.history.setdefault("eval_step", []).append(step)
-            model.train()
+            wrapped.train()
         if last is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0
                                                           or step == cfg.steps):
-            save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, step, result)
+            save_checkpoint(accelerator, cfg.checkpoint_dir, step, result)
         bar.update(1)
 
     bar.close()
+    accelerator.wait_for_everyone()
     result.seconds = time.perf_counter() - t0
     result.items_per_second = seen / max(result.seconds, 1e-9)
+    accelerator.free_memory()
     return result
 
 
@@ -206,15 +301,33 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
 def evaluate(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
              collate: Callable[[list[Any]], Batch], loss_fn: LossFn, batch_size: int,
              device: str = "auto") -> dict[str, float]:
-    """Item-weighted mean of the loss and metrics over ``items`` (eval mode, no grad)."""
-    dev = resolve_device(device)
+    """Item-weighted mean of the loss and metrics over ``items`` (eval mode, no grad).
+
+    In a process group every rank takes every N-th batch of the same length-sorted list and the
+    sums are all-reduced, so each batch is computed as in one process (only the order of the final
+    sum differs).
+    """
+    rank, size = world()
+    dev = local_device(device)
     was_training = model.training
     model.to(dev).eval()
     totals: dict[str, float] = defaultdict(float)
-    for idx in length_bucketed_batches(lengths, batch_size, seed=0, shuffle=False):
+    totals["loss"] = 0.0
+    for idx in length_bucketed_batches(lengths, batch_size, seed=0, shuffle=False)[rank::size]:
         loss, metrics = loss_fn(model, to_device(collate([items[i] for i in idx]), dev))
         totals["loss"] += loss.item() * len(idx)
         for k, v in metrics.items():
             totals[k] += v * len(idx)
+    if size > 1:
+        totals = _all_reduce_sum(_same_keys(totals), dev)
     model.train(was_training)
     return {k: v / max(len(items), 1) for k, v in totals.items()}
+
+
+def _same_keys(totals: dict[str, float]) -> dict[str, float]:
+    """Every rank's metric names (a rank with no batch has only ``loss``), zero where missing."""
+    import torch.distributed as dist
+
+    names: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, sorted(totals))
+    return {k: totals.get(k, 0.0) for k in sorted(set().union(*names))}

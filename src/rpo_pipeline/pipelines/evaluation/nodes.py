@@ -17,21 +17,30 @@ from rpo_pipeline import reporting
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.evaluation import (
     eval_prompts,
-    generate,
     make_gold_judge,
     policy_metrics,
     preference_accuracy,
-    sequence_logprobs,
 )
+from rpo_pipeline.jobs import InferenceJob, infer
 from rpo_pipeline.params import EvaluationParams
 from rpo_pipeline.policy import pair_sides
-from rpo_pipeline.reward_model import score
 from rpo_pipeline.tracking import MetricsPayload, scalars
 
 log = logging.getLogger(__name__)
 REFERENCE = "reference"
 METRICS = ("gold_reward_mean", "rm_score_mean", "kl_to_reference", "win_rate_gold", "win_rate_rm",
            "preference_accuracy", "length_mean", "distinct_2")
+
+
+def _sequence_logprobs(model: PretrainedHandle, prompts: list[list[int]],
+                       completions: list[list[int]], pad: int, p: EvaluationParams) -> np.ndarray:
+    """log π(y|x) of each completion (``evaluation.sequence_logprobs``), sharded by batch over
+    ``evaluation.num_processes``."""
+    seqs = [list(x) + list(y) for x, y in zip(prompts, completions, strict=True)]
+    job = InferenceJob("logprobs", str(model.path), p.device, {
+        "input_ids": seqs, "response_starts": [len(x) for x in prompts], "pad_id": pad,
+        "batch_size": p.batch_size, "progress": False})
+    return infer(job, p.num_processes, p.backend, model.load)[0]
 
 
 def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
@@ -47,12 +56,18 @@ def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle, tokenize
     tok = tokenizer.load()
     prompts = eval_prompts(tokenized, p.split, p.max_prompts)
     ids = prompts["prompt_ids"].tolist()
-    lm = model.load()
     name = model.path.name
-    sampled, s_logp = generate(lm, ids, cfg, tok.eos_token_id, tok.pad_token_id, device=p.device,
-                               progress=p.progress, desc=f"sample {name}")
-    greedy, g_logp = generate(lm, ids, cfg, tok.eos_token_id, tok.pad_token_id, greedy=True,
-                              device=p.device, progress=p.progress, desc=f"greedy {name}")
+    lm = model.load() if p.num_processes == 1 else None
+
+    def run(greedy: bool) -> tuple[list, list]:
+        job = InferenceJob("generate", str(model.path), p.device, {
+            "prompts": ids, "cfg": cfg, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
+            "greedy": greedy, "progress": p.progress,
+            "desc": f"{'greedy' if greedy else 'sample'} {name}"})
+        return infer(job, p.num_processes, p.backend, lambda: lm)
+
+    sampled, s_logp = run(greedy=False)
+    greedy, g_logp = run(greedy=True)
     rows = []
     for gid, p, samples, lps, g, glp in zip(prompts["group_id"], ids, sampled, s_logp, greedy,
                                              g_logp, strict=True):
@@ -90,14 +105,16 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
     table["gold"] = judge(table["completion"].tolist()) if judge is not None else np.nan
 
     seqs = [list(p) + c for p, c in zip(table["prompt_ids"], comp, strict=True)]
-    table["rm"] = score(reward_model.load(), seqs, pad, p.batch_size)
+    table["rm"] = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
+        "sequences": seqs, "pad_id": pad, "batch_size": p.batch_size}), p.num_processes, p.backend,
+        lambda: reward_model.load(device=p.device))
 
     table["ref_logp"] = table["logp"]
     others = (table["policy"] != REFERENCE).to_numpy()
     if others.any():
-        table.loc[others, "ref_logp"] = sequence_logprobs(
-            reference_model.load(), table.loc[others, "prompt_ids"].map(list).tolist(),
-            comp[others].tolist(), pad, p.batch_size, p.device)
+        table.loc[others, "ref_logp"] = _sequence_logprobs(
+            reference_model, table.loc[others, "prompt_ids"].map(list).tolist(),
+            comp[others].tolist(), pad, p)
     table["kl"] = table["logp"] - table["ref_logp"]
     log.info("scored %d completions of %s in %.1f s", len(table), list(samples),
              time.perf_counter() - t0)
@@ -119,7 +136,7 @@ def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle
     pad = tokenizer.load().pad_token_id
 
     def logps(handle: PretrainedHandle) -> np.ndarray:
-        return sequence_logprobs(handle.load(), prompts, comps, pad, p.batch_size, p.device)
+        return _sequence_logprobs(handle, prompts, comps, pad, p)
 
     ref = logps(reference_model)
     n = len(chosen)

@@ -8,20 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from transformers import AutoModelForCausalLM
 
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
-from rpo_pipeline.losses import sft_nll
+from rpo_pipeline.jobs import InferenceJob, SftJob, Split, fit, infer
 from rpo_pipeline.params import DataProcessingParams, ReferenceParams
 from rpo_pipeline.reference import (
     LOGPROB_VERSION,
     reference_table,
-    score_responses,
     select_examples,
-    sft_collate,
 )
 from rpo_pipeline.tracking import MetricsPayload, histories, scalars
-from rpo_pipeline.training import TrainConfig, evaluate, resolve_device, train
+from rpo_pipeline.training import resolve_device
 
 log = logging.getLogger(__name__)
 SFT_VERSION = 1
@@ -52,20 +51,21 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     metrics: dict[str, float] = {"sft_cache_hit": 0}
     payload: MetricsPayload = {}
     if sft.steps > 0:
-        cfg = TrainConfig(**sft.model_dump(exclude={"responses"}), device=p.device)
-        collate = sft_collate(tokenizer.load().pad_token_id)
-        items = list(zip(train_rows["input_ids"], train_rows["response_start"], strict=True))
-        result = train(model, items, train_rows["length"].tolist(), collate, sft_nll, cfg, desc="sft")
-        payload = histories({"sft_loss": result.history["loss"]}, result.log_steps)
         val_rows = select_examples(tokenized, pairs, ["val"], sft.responses)
-        val_items = list(zip(val_rows["input_ids"], val_rows["response_start"], strict=True))
-        val = evaluate(model, val_items, val_rows["length"].tolist(), collate, sft_nll,
-                       batch_size=2 * cfg.batch_size, device=p.device)
-        metrics |= {"sft_val_loss": val["loss"], "sft_train_loss": result.history["loss"][-1],
-                    "sft_sequences_per_second": result.items_per_second}
-        log.info("SFT: %d steps in %.1f s (%.0f seq/s), train loss %.3f, val loss %.3f",
-                 cfg.steps, result.seconds, result.items_per_second,
-                 result.history["loss"][-1], val["loss"])
+        job = SftJob(str(base_model.path), tokenizer.load().pad_token_id, p.model_dump(),
+                     Split(list(zip(train_rows["input_ids"], train_rows["response_start"], strict=True)),
+                           train_rows["length"].tolist()),
+                     Split(list(zip(val_rows["input_ids"], val_rows["response_start"], strict=True)),
+                           val_rows["length"].tolist()))
+        model, result, val = fit("sft", job, sft.num_processes, sft.backend, p.device, lambda: model,
+                                 AutoModelForCausalLM.from_pretrained)
+        payload = histories({"sft_loss": result.history["loss"]}, result.log_steps)
+        metrics |= {"sft_val_loss": val["val_loss"], "sft_train_loss": result.history["loss"][-1],
+                    "sft_sequences_per_second": result.items_per_second,
+                    "sft_world_size": sft.num_processes}
+        log.info("SFT: %d steps on %d process(es) in %.1f s (%.0f seq/s), train loss %.3f, val "
+                 "loss %.3f", sft.steps, sft.num_processes, result.seconds, result.items_per_second,
+                 result.history["loss"][-1], val["val_loss"])
     model.cpu()
     metrics["sft_seconds"] = time.perf_counter() - t0
     return Fingerprinted(model, fp), payload | scalars(metrics)
@@ -93,10 +93,11 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
         log.info("reference log-prob cache hit (%s): %.3f s", fp[:12], seconds)
         return CacheHit(fp), scalars({"cache_hit": 1, "cache_seconds": seconds})
 
-    model = sft_model.load()
     t1 = time.perf_counter()
-    logp, n = score_responses(model, rows["input_ids"].tolist(), rows["response_start"].tolist(),
-                              tokenizer.load().pad_token_id, p.logprobs.batch_size, device=p.device)
+    job = InferenceJob("logprobs", str(sft_model.path), p.device, {
+        "input_ids": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
+        "pad_id": tokenizer.load().pad_token_id, "batch_size": p.logprobs.batch_size})
+    logp, n = infer(job, p.logprobs.num_processes, p.logprobs.backend, sft_model.load)
     compute = time.perf_counter() - t1
     table = reference_table(rows, logp, n)
     seconds = time.perf_counter() - t0
@@ -104,4 +105,5 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
              len(rows) / compute)
     return Fingerprinted(table, fp), scalars({
         "cache_hit": 0, "cache_seconds": seconds, "cache_sequences": len(rows),
-        "cache_sequences_per_second": len(rows) / compute})
+        "cache_sequences_per_second": len(rows) / compute,
+        "cache_world_size": p.logprobs.num_processes})

@@ -12,18 +12,15 @@ import pandas as pd
 
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
-from rpo_pipeline.losses import reward_pair_loss
+from rpo_pipeline.jobs import InferenceJob, RewardModelJob, Split, fit, infer
 from rpo_pipeline.params import RewardModelParams
 from rpo_pipeline.reward_model import (
     RewardModel,
     RewardModelConfig,
     load_backbone,
-    pair_collate,
-    score,
     weight_bytes,
 )
 from rpo_pipeline.tracking import MetricsPayload, histories, scalars
-from rpo_pipeline.training import TrainConfig, evaluate, train
 
 log = logging.getLogger(__name__)
 RM_VERSION = 1
@@ -81,26 +78,27 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
                                compute_dtype=p.compute_dtype, head_input=p.head_input,
                                lora_r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
                                target_modules=p.lora.target_modules)
-    cfg = TrainConfig(**p.train.model_dump(), device=p.device)
-    model = RewardModel.for_training(config, seed=cfg.seed)
-    collate = pair_collate(tokenizer.load().pad_token_id)
-    loss_fn = reward_pair_loss(p.center_coef)
-    result = train(model, items, lengths, collate, loss_fn, cfg, desc="reward_model")
-
-    metrics: dict[str, float] = {"cache_hit": 0, "pairs_per_second": result.items_per_second}
-    for split in ("val", "test"):  # training is over: evaluating may repack the 4-bit weights
+    evals = {}
+    for split in ("val", "test"):
         s_items, s_lengths, _ = pair_items(tokenized, pairs, split, p.margin_column)
-        if s_items:
-            ev = evaluate(model, s_items, s_lengths, collate, loss_fn, 2 * cfg.batch_size, p.device)
-            metrics[f"{split}_accuracy"], metrics[f"{split}_loss"] = ev["accuracy"], ev["loss"]
+        evals[split] = Split(s_items, s_lengths)
+    job = RewardModelJob(config, tokenizer.load().pad_token_id, p.model_dump(),
+                         Split(items, lengths), evals)
+    t = p.train
+    model, result, ev = fit("reward_model", job, t.num_processes, t.backend, p.device,
+                            lambda: RewardModel.for_training(config, seed=t.seed, device=p.device),
+                            RewardModel.from_pretrained)
+    metrics: dict[str, float] = {"cache_hit": 0, "pairs_per_second": result.items_per_second,
+                                 **ev, "world_size": t.num_processes}
     head = weight_bytes(model.head)
     metrics["weight_bytes"] = load_backbone(backbone, config.load_in_4bit,
                                             config.compute_dtype).get_memory_footprint() + head
     metrics["weight_bytes_full_precision"] = load_backbone(
         backbone, load_in_4bit=False).get_memory_footprint() + head
     metrics["seconds"] = time.perf_counter() - t0
-    log.info("reward model: %d steps in %.1f s, val accuracy %.3f, test accuracy %.3f, "
-             "weights %.2f MB (%.2f of full precision)", cfg.steps, result.seconds,
+    log.info("reward model: %d steps on %d process(es) in %.1f s, val accuracy %.3f, test "
+             "accuracy %.3f, weights %.2f MB (%.2f of full precision)", t.steps, t.num_processes,
+             result.seconds,
              metrics.get("val_accuracy", float("nan")), metrics.get("test_accuracy", float("nan")),
              metrics["weight_bytes"] / 1e6,
              metrics["weight_bytes"] / metrics["weight_bytes_full_precision"])
@@ -123,14 +121,18 @@ def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer:
         seconds = time.perf_counter() - t0
         log.info("reward score cache hit (%s): %.3f s", fp[:12], seconds)
         return CacheHit(fp), scalars({"score_cache_hit": 1, "score_seconds": seconds})
-    model = reward_model.load()
-    rewards = score(model, rows["input_ids"].tolist(), tokenizer.load().pad_token_id,
-                    RewardModelParams.parse(params).score.batch_size)
+    p = RewardModelParams.parse(params)
+    job = InferenceJob("rewards", str(reward_model.path), p.device, {
+        "sequences": rows["input_ids"].tolist(), "pad_id": tokenizer.load().pad_token_id,
+        "batch_size": p.score.batch_size})
+    rewards = infer(job, p.score.num_processes, p.score.backend,
+                    lambda: reward_model.load(device=p.device))
     table = rows[["group_id", "response_index", "split"]].assign(reward=rewards)
     seconds = time.perf_counter() - t0
     log.info("reward scores: %d responses in %.1f s", len(table), seconds)
     return Fingerprinted(table, fp), scalars({"score_cache_hit": 0, "score_seconds": seconds,
-                                              "scores_per_second": len(table) / seconds})
+                                              "scores_per_second": len(table) / seconds,
+                                              "score_world_size": p.score.num_processes})
 
 
 def reward_normalization(scores: pd.DataFrame) -> tuple[dict[str, float], MetricsPayload]:

@@ -1,0 +1,309 @@
+"""Training jobs (SFT, reward model, DPO, RPO) that run in the caller's process or on N workers.
+
+Kedro-free. A job is a picklable dataclass: model paths, token-id items and the stage's validated
+parameters. ``fit_*(job)`` builds the model, the collate and the loss from it and runs
+``training.train``; the same function runs in the node's process (``num_processes: 1``) or in every
+worker of a ``torch.distributed`` group (``run_in_workers``), where ``train`` is data parallel.
+
+With N workers the node keeps the catalog and MLflow to itself: it pickles the job into a
+temporary directory it owns, the workers read it, rank 0 writes the trained weights
+(``save_pretrained``) and the history there, and the node loads them back before the directory is
+removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rpo_pipeline.training import TrainConfig, TrainResult, evaluate, train, world
+
+log = logging.getLogger(__name__)
+Items = list[tuple]
+
+
+@dataclass
+class Split:
+    """Items of one split and their lengths (for length-bucketed batches)."""
+
+    items: Items
+    lengths: list[int]
+
+
+@dataclass
+class PolicyJob:
+    """DPO or RPO from π_SFT: ``params`` is the stage's validated parameters (``model_dump``)."""
+
+    method: str  # dpo | rpo
+    model_path: str  # π_SFT (save_pretrained directory)
+    pad_id: int
+    params: dict[str, Any]
+    train: Split
+    val: Split  # DPO: val pairs; RPO: val groups
+    val_pairs: Split | None = None  # RPO: val pairs ranked by the data's scores (rewards/* metrics)
+
+
+@dataclass
+class RewardModelJob:
+    config: Any  # reward_model.RewardModelConfig
+    pad_id: int
+    params: dict[str, Any]  # reward_model parameters
+    train: Split
+    evals: dict[str, Split] = field(default_factory=dict)  # val / test pairs, scored after training
+
+
+@dataclass
+class SftJob:
+    model_path: str
+    pad_id: int
+    params: dict[str, Any]  # the reference parameters
+    train: Split
+    val: Split
+
+
+def _config(train_block: dict[str, Any], device: str) -> TrainConfig:
+    return TrainConfig(**train_block, device=device)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off (as TRL's ``disable_dropout``): π's log-probs are then computed like the cached
+    π_ref's, in eval mode, so the implicit reward starts at exactly 0 and its gradient is not noise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def _load_lm(path: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def fit_policy(job: PolicyJob, model: torch.nn.Module | None = None
+               ) -> tuple[torch.nn.Module, TrainResult, dict[str, float]]:
+    """π_SFT (+ LoRA, merged at the end) trained with the DPO-family or the RPO loss."""
+    from peft import LoraConfig, get_peft_model
+
+    from rpo_pipeline.base_model import lora_target_modules
+    from rpo_pipeline.losses import preference_loss, reward_aware_loss
+    from rpo_pipeline.params import DpoParams, RpoParams
+    from rpo_pipeline.policy import group_collate, policy_collate
+
+    p = (DpoParams if job.method == "dpo" else RpoParams).model_validate(job.params)
+    cfg = _config(p.train.model_dump(), p.device)
+    if job.method == "dpo":
+        loss_fn = preference_loss(p.loss, p.beta, p.label_smoothing, p.sft_weight)
+        collate = policy_collate(job.pad_id)
+        batch = 2 * p.train.batch_size
+
+        def eval_fn(m):
+            return evaluate(m, job.val.items, job.val.lengths, collate, loss_fn, batch, p.device)
+    else:
+        loss_fn = reward_aware_loss(p.distance, p.beta, p.eta, p.average_logps, p.sft_weight)
+        collate, pair_collate_fn = group_collate(job.pad_id), policy_collate(job.pad_id)
+        pair_metrics = preference_loss("sigmoid", p.beta)
+        batch = p.train.batch_size
+        gold = job.val_pairs
+
+        def eval_fn(m):
+            out = evaluate(m, job.val.items, job.val.lengths, collate, loss_fn, 2 * batch, p.device)
+            g = evaluate(m, gold.items, gold.lengths, pair_collate_fn, pair_metrics, 4 * batch,
+                         p.device)
+            return out | {k: v for k, v in g.items() if k.startswith(("rewards/", "logps/"))}
+
+    model = model if model is not None else _load_lm(job.model_path)
+    if p.disable_dropout:
+        disable_dropout(model)
+    if p.lora.enabled:
+        targets = lora_target_modules(model, p.lora.target_modules, f"{p.name}.lora.target_modules")
+        torch.manual_seed(p.train.seed)  # the adapter's initialisation, the same in every process
+        model = get_peft_model(model, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha,
+                                                 lora_dropout=p.lora.dropout, target_modules=targets))
+    result = train(model, job.train.items, job.train.lengths, collate, loss_fn, cfg, desc=p.name,
+                   eval_fn=eval_fn if job.val.items else None)
+    if p.lora.enabled:
+        model = model.merge_and_unload()
+    return model.cpu(), result, {}
+
+
+def fit_reward_model(job: RewardModelJob, model: torch.nn.Module | None = None
+                     ) -> tuple[torch.nn.Module, TrainResult, dict[str, float]]:
+    """Bradley–Terry training of LoRA + head on the (4-bit) backbone; then accuracy and loss on
+    each split of ``job.evals`` (training is over: evaluating may repack the 4-bit weights)."""
+    from rpo_pipeline.losses import reward_pair_loss
+    from rpo_pipeline.params import RewardModelParams
+    from rpo_pipeline.reward_model import RewardModel, pair_collate
+
+    p = RewardModelParams.model_validate(job.params)
+    cfg = _config(p.train.model_dump(), p.device)
+    if model is None:
+        model = RewardModel.for_training(job.config, seed=cfg.seed, device=p.device)
+    collate = pair_collate(job.pad_id)
+    loss_fn = reward_pair_loss(p.center_coef)
+    result = train(model, job.train.items, job.train.lengths, collate, loss_fn, cfg,
+                   desc="reward_model")
+    metrics: dict[str, float] = {}
+    for split, data in job.evals.items():
+        if data.items:
+            ev = evaluate(model, data.items, data.lengths, collate, loss_fn, 2 * cfg.batch_size,
+                          p.device)
+            metrics[f"{split}_accuracy"], metrics[f"{split}_loss"] = ev["accuracy"], ev["loss"]
+    return model, result, metrics
+
+
+def fit_sft(job: SftJob, model: torch.nn.Module | None = None
+            ) -> tuple[torch.nn.Module, TrainResult, dict[str, float]]:
+    """Response NLL on the training examples; the val loss at the end."""
+    from rpo_pipeline.losses import sft_nll
+    from rpo_pipeline.params import ReferenceParams
+    from rpo_pipeline.reference import sft_collate
+
+    p = ReferenceParams.model_validate(job.params)
+    cfg = _config(p.sft.model_dump(exclude={"responses"}), p.device)
+    model = model if model is not None else _load_lm(job.model_path)
+    collate = sft_collate(job.pad_id)
+    result = train(model, job.train.items, job.train.lengths, collate, sft_nll, cfg, desc="sft")
+    val = evaluate(model, job.val.items, job.val.lengths, collate, sft_nll,
+                   batch_size=2 * cfg.batch_size, device=p.device)
+    return model.cpu(), result, {"val_loss": val["loss"]}
+
+
+FITS: dict[str, Callable[..., tuple[torch.nn.Module, TrainResult, dict[str, float]]]] = {
+    "policy": fit_policy, "reward_model": fit_reward_model, "sft": fit_sft}
+
+JOB_FILE, MODEL_DIR, RESULT_FILE = "job.pkl", "model", "result.json"
+
+
+def _fit_worker(kind: str, workdir: str) -> None:
+    """In each worker: the job from ``workdir``; rank 0 writes the model and the result there."""
+    with open(Path(workdir) / JOB_FILE, "rb") as f:
+        job = pickle.load(f)  # written a moment ago by the node that owns workdir
+    model, result, metrics = FITS[kind](job)
+    rank, _ = world()
+    if rank == 0:
+        model.save_pretrained(str(Path(workdir) / MODEL_DIR))
+        (Path(workdir) / RESULT_FILE).write_text(json.dumps({
+            "history": result.history, "log_steps": result.log_steps, "seconds": result.seconds,
+            "items_per_second": result.items_per_second, "metrics": metrics}))
+
+
+def fit_in_workers(kind: str, job: Any, num_processes: int, backend: str, device: str,
+                   load: Callable[[str], torch.nn.Module], timeout_s: float = 1800.0
+                   ) -> tuple[torch.nn.Module, TrainResult, dict[str, float]]:
+    """``FITS[kind](job)`` on ``num_processes`` workers; the trained model (through ``load``),
+    the result and the metrics, as the in-process call returns them."""
+    from rpo_pipeline.distributed import resolve_backend, run_workers
+    from rpo_pipeline.training import resolve_device
+
+    backend = resolve_backend(backend, resolve_device(device).type)
+    with tempfile.TemporaryDirectory(prefix=f"rpo-{kind}-") as tmp:
+        with open(Path(tmp) / JOB_FILE, "wb") as f:
+            pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+        log.info("%s: training on %d processes (%s), work directory %s", kind, num_processes,
+                 backend, tmp)
+        run_workers(_fit_worker, (kind, tmp), num_processes, backend, timeout_s)
+        out = json.loads((Path(tmp) / RESULT_FILE).read_text())
+        model = load(str(Path(tmp) / MODEL_DIR))
+    result = TrainResult(history=out["history"], log_steps=out["log_steps"], seconds=out["seconds"],
+                         items_per_second=out["items_per_second"])
+    return model, result, out["metrics"]
+
+
+def fit(kind: str, job: Any, num_processes: int, backend: str, device: str,
+        model: Callable[[], torch.nn.Module], load: Callable[[str], torch.nn.Module]
+        ) -> tuple[torch.nn.Module, TrainResult, dict[str, float]]:
+    """In this process (``model()`` builds the model) or on ``num_processes`` workers."""
+    if num_processes == 1:
+        return FITS[kind](job, model())
+    return fit_in_workers(kind, job, num_processes, backend, device, load)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference sharded by batch: reference log-probs, reward scores, sampling
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class InferenceJob:
+    """``kind``: ``logprobs`` (``reference.score_responses``), ``rewards`` (``reward_model.score``)
+    or ``generate`` (``evaluation.generate``), of the model at ``model_path`` with ``args``."""
+
+    kind: str
+    model_path: str
+    device: str
+    args: dict[str, Any]
+
+
+def run_inference(job: InferenceJob, model: torch.nn.Module | None = None) -> Any:
+    """The job's function on this process's share of the batches (all of them in one process)."""
+    from rpo_pipeline.evaluation import generate
+    from rpo_pipeline.reference import score_responses
+    from rpo_pipeline.reward_model import RewardModel, score
+
+    if job.kind == "rewards":
+        model = model if model is not None else RewardModel.from_pretrained(job.model_path,
+                                                                            device=job.device)
+        return score(model, **job.args)
+    model = model if model is not None else _load_lm(job.model_path)
+    if job.kind == "logprobs":
+        return score_responses(model, device=job.device, **job.args)
+    if job.kind == "generate":
+        return generate(model, device=job.device, **job.args)
+    raise ValueError(f"unknown inference job {job.kind!r}")
+
+
+def merge_shards(parts: list[Any]) -> Any:
+    """One result from the ranks' results, each filled only where that rank computed.
+
+    Arrays and float lists are summed (every entry is non-zero on at most one rank, so the sum is
+    exact); lists of lists take each entry from the rank that filled it; tuples merge per element.
+    """
+    import numpy as np
+
+    first = parts[0]
+    if isinstance(first, tuple):
+        return tuple(merge_shards([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, np.ndarray):
+        return sum(parts[1:], start=first.copy())
+    if isinstance(first, list) and first and isinstance(first[0], list):
+        return [next((p[i] for p in parts if p[i]), first[i]) for i in range(len(first))]
+    if isinstance(first, list):
+        return [float(sum(p[i] for p in parts)) for i in range(len(first))]
+    raise TypeError(f"cannot merge shards of {type(first).__name__}")
+
+
+def _infer_worker(workdir: str) -> None:
+    with open(Path(workdir) / JOB_FILE, "rb") as f:
+        job = pickle.load(f)  # written a moment ago by the node that owns workdir
+    out = run_inference(job)
+    rank, _ = world()
+    with open(Path(workdir) / f"shard_{rank}.pkl", "wb") as f:
+        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def infer(job: InferenceJob, num_processes: int, backend: str,
+          model: Callable[[], torch.nn.Module] | None = None, timeout_s: float = 1800.0) -> Any:
+    """``run_inference(job)`` here (``model()`` gives the model, if set) or sharded by batch over
+    ``num_processes`` workers, merged: the same result either way."""
+    if num_processes == 1:
+        return run_inference(job, model() if model is not None else None)
+    from rpo_pipeline.distributed import resolve_backend, run_workers
+    from rpo_pipeline.training import resolve_device
+
+    backend = resolve_backend(backend, resolve_device(job.device).type)
+    with tempfile.TemporaryDirectory(prefix=f"rpo-{job.kind}-") as tmp:
+        with open(Path(tmp) / JOB_FILE, "wb") as f:
+            pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+        run_workers(_infer_worker, (tmp,), num_processes, backend, timeout_s)
+        parts = []
+        for rank in range(num_processes):
+            with open(Path(tmp) / f"shard_{rank}.pkl", "rb") as f:
+                parts.append(pickle.load(f))
+    return merge_shards(parts)

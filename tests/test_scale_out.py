@@ -1,0 +1,194 @@
+"""Data parallel training and sharded inference (CPU, gloo, 2 worker processes) equal one process.
+
+Training: per-process batch b on 2 processes must end with the weights of 1 process with batch 2b
+over the same data order (DPO, RPO with K = 4, the 4-bit LoRA reward model). Inference: the
+reference log-probs, reward scores and samples do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import base_params
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from rpo_pipeline.jobs import (
+    InferenceJob,
+    PolicyJob,
+    RewardModelJob,
+    Split,
+    fit,
+    infer,
+    merge_shards,
+)
+from rpo_pipeline.params import SamplingConfig
+from rpo_pipeline.reward_model import RewardModel, RewardModelConfig
+from rpo_pipeline.training import shard
+
+pytestmark = pytest.mark.slow
+VOCAB, PAD = 64, 0
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lm") / "gpt2"
+    # no dropout: each rank draws its own dropout masks, so with dropout N processes match one
+    # process in distribution only (DPO and RPO turn it off anyway: disable_dropout)
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               eos_token_id=1, bos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0)).save_pretrained(path)
+    return str(path)
+
+
+def _seq(g: torch.Generator, lo: int = 6, hi: int = 20) -> list[int]:
+    return torch.randint(2, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+
+def _pairs(n: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        w, lo = _seq(g), _seq(g)
+        items.append((w, 3, lo, 3, -float(len(w)) * 3.5, -float(len(lo)) * 3.6))
+    return Split(items, [max(len(i[0]), len(i[2])) for i in items])
+
+
+def _groups(n: int, k: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        seqs = [_seq(g) for _ in range(k)]
+        items.append((seqs, [3] * k, [-3.5 * len(s) for s in seqs],
+                      torch.randn(k, generator=g).tolist()))
+    return Split(items, [max(len(s) for s in i[0]) for i in items])
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+
+
+def _moved(before: torch.nn.Module, after: torch.nn.Module) -> float:
+    return _max_diff(before, after)
+
+
+def _policy_pair(method: str, lm_dir: str, train: Split, val: Split, val_pairs: Split | None,
+                 batch: int, steps: int = 6, **extra):
+    """(1 process, batch 2b) and (2 processes, batch b) trained policies and their results."""
+    out = []
+    for procs, b in ((1, 2 * batch), (2, batch)):
+        params = base_params(method, {"train.steps": steps, "train.batch_size": b,
+                                      "train.warmup_steps": 1, "train.log_every": 2,
+                                      "train.eval_every": 3, "train.progress": False,
+                                      "train.checkpoint_every": 0, "train.checkpoint_dir": None,
+                                      "train.num_processes": procs, "device": "cpu", **extra})
+        job = PolicyJob(method, lm_dir, PAD, params, train, val, val_pairs)
+        out.append(fit("policy", job, procs, "gloo", "cpu",
+                       lambda: GPT2LMHeadModel.from_pretrained(lm_dir),
+                       GPT2LMHeadModel.from_pretrained))
+    return out
+
+
+def test_shard_splits_a_global_batch_and_weights_its_parts():
+    batch = list(range(9))
+    parts = [shard(batch, r, 2) for r in range(2)]
+    assert [p for p, _ in parts] == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    assert sum(w for _, w in parts) / 2 == pytest.approx(1.0)  # DDP mean of w_r = Σ n_r/n = 1
+    assert shard([7], 0, 2) == ([7], 0.0)  # an empty part: one item that weighs nothing
+    assert shard([7], 1, 2) == ([7], 2.0)
+    assert shard(batch, 0, 1) == (batch, 1.0)
+
+
+def test_dpo_on_two_processes_equals_one_process_with_twice_the_batch(lm_dir):
+    (m1, r1, _), (m2, r2, _) = _policy_pair("dpo", lm_dir, _pairs(45, 0), _pairs(10, 1), None, 4)
+    assert _moved(GPT2LMHeadModel.from_pretrained(lm_dir), m1) > 1e-3  # it trained
+    assert _max_diff(m1, m2) < 1e-5
+    for k in ("loss", "rewards/accuracies", "grad_norm", "eval_rewards/margins",
+              "eval_rewards/accuracies"):
+        np.testing.assert_allclose(r2.history[k], r1.history[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # the eval batch is 2 x the per-process batch, and the SFT term is a per-batch token mean
+    np.testing.assert_allclose(r2.history["eval_loss"], r1.history["eval_loss"], rtol=2e-3)
+    assert r1.log_steps == r2.log_steps == [2, 4, 6]
+
+
+def test_rpo_with_four_responses_on_two_processes_equals_one_process(lm_dir):
+    (m1, r1, _), (m2, r2, _) = _policy_pair("rpo", lm_dir, _groups(21, 4, 2), _groups(6, 4, 3),
+                                            _pairs(8, 4), 3)
+    assert _moved(GPT2LMHeadModel.from_pretrained(lm_dir), m1) > 1e-3
+    assert _max_diff(m1, m2) < 1e-5
+    for k in ("loss", "eval_rewards/margins", "eval_rewards/accuracies"):
+        np.testing.assert_allclose(r2.history[k], r1.history[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_lora_policy_on_two_processes_equals_one_process(lm_dir):
+    (m1, _, _), (m2, _, _) = _policy_pair("dpo", lm_dir, _pairs(24, 5), _pairs(4, 6), None, 4,
+                                          steps=4, **{"lora.enabled": True})
+    assert _max_diff(m1, m2) < 1e-5
+
+
+def test_4bit_lora_reward_model_on_two_processes_equals_one_process(lm_dir):
+    g = torch.Generator().manual_seed(7)
+    pairs = [(_seq(g), _seq(g), 0.0) for _ in range(40)]
+    train = Split(pairs, [max(len(c), len(r)) for c, r, _ in pairs])
+    val = Split(pairs[:10], train.lengths[:10])
+    config = RewardModelConfig(backbone_path=lm_dir, load_in_4bit=True, lora_r=4, lora_alpha=8)
+    out = []
+    for procs, b in ((1, 8), (2, 4)):
+        params = base_params("reward_model", {"train.steps": 5, "train.batch_size": b,
+                                              "train.progress": False, "train.log_every": 1,
+                                              "train.num_processes": procs, "device": "cpu"})
+        job = RewardModelJob(config, PAD, params, train, {"val": val})
+        out.append(fit("reward_model", job, procs, "gloo", "cpu",
+                       lambda: RewardModel.for_training(config, seed=0), RewardModel.from_pretrained))
+    (m1, r1, e1), (m2, r2, e2) = out
+    # the head's bias cancels in r_c - r_r: its gradient is 0 up to rounding (~1e-9), which Adam
+    # scales to steps of up to lr either way, so it is compared within lr x steps
+    lora = {k: v for k, v in m1.state_dict().items() if "lora_" in k or k == "head.weight"}
+    s2 = m2.state_dict()
+    assert len(lora) == 17 and max((v - s2[k]).abs().max().item() for k, v in lora.items()) < 1e-5
+    assert (m1.head.bias - m2.head.bias).abs().max().item() <= 5 * 1e-3
+    np.testing.assert_allclose(r2.history["loss"], r1.history["loss"], rtol=1e-5)
+    assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 1e-4  # B starts at 0
+    assert e2["val_accuracy"] == pytest.approx(e1["val_accuracy"])
+    assert e2["val_loss"] == pytest.approx(e1["val_loss"], abs=1e-5)
+
+
+def test_sharded_inference_equals_one_process(lm_dir, tmp_path):
+    g = torch.Generator().manual_seed(9)
+    seqs = [_seq(g, 4, 30) for _ in range(37)]
+    starts = [2] * len(seqs)
+    args = {"input_ids": seqs, "response_starts": starts, "pad_id": PAD, "batch_size": 5,
+            "progress": False}
+    one = infer(InferenceJob("logprobs", lm_dir, "cpu", args), 1, "gloo")
+    two = infer(InferenceJob("logprobs", lm_dir, "cpu", args), 2, "gloo")
+    assert np.abs(one[0]).min() > 0 and np.array_equal(one[1], two[1])
+    np.testing.assert_allclose(two[0], one[0], rtol=0, atol=1e-6)
+
+    cfg = SamplingConfig(**base_params("evaluation")["sampling"] | {"batch_size": 3, "n_samples": 2,
+                                                                    "max_new_tokens": 6})
+    gen = {"prompts": [s[:5] for s in seqs[:11]], "cfg": cfg, "eos_id": 1, "pad_id": PAD,
+           "progress": False}
+    s1 = infer(InferenceJob("generate", lm_dir, "cpu", gen), 1, "gloo")
+    s2 = infer(InferenceJob("generate", lm_dir, "cpu", gen), 2, "gloo")
+    assert s1[0] == s2[0]  # the same samples whatever the sharding
+    np.testing.assert_allclose(np.array(s2[1]), np.array(s1[1]), atol=1e-5)
+
+    rm_dir = tmp_path / "rm"
+    RewardModel.for_training(RewardModelConfig(backbone_path=lm_dir, lora_r=4, lora_alpha=8)
+                             ).save_pretrained(str(rm_dir))
+    rm_args = {"sequences": seqs, "pad_id": PAD, "batch_size": 4}
+    r1 = infer(InferenceJob("rewards", str(rm_dir), "cpu", rm_args), 1, "gloo")
+    r2 = infer(InferenceJob("rewards", str(rm_dir), "cpu", rm_args), 2, "gloo")
+    np.testing.assert_allclose(r2, r1, rtol=0, atol=1e-6)
+
+
+def test_merge_shards_takes_each_entry_from_the_rank_that_computed_it():
+    a = (np.array([1.5, 0.0, 0.0]), [[[3]], [], [[4, 5]]], [0.0, 2.0, 0.0])
+    b = (np.array([0.0, -2.0, 0.0]), [[], [[1, 2]], []], [1.0, 0.0, 0.0])
+    got = merge_shards([a, b])
+    assert got[0].tolist() == [1.5, -2.0, 0.0]
+    assert got[1] == [[[3]], [[1, 2]], [[4, 5]]]
+    assert got[2] == [1.0, 2.0, 0.0]
