@@ -7,7 +7,15 @@ reference log-probs, reward scores and samples do not depend on the number of pr
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import base_params
@@ -24,7 +32,7 @@ from rpo_pipeline.jobs import (
 )
 from rpo_pipeline.params import SamplingConfig
 from rpo_pipeline.reward_model import RewardModel, RewardModelConfig
-from rpo_pipeline.training import shard
+from rpo_pipeline.training import CHECKPOINT_STATE, shard
 
 pytestmark = pytest.mark.slow
 VOCAB, PAD = 64, 0
@@ -192,3 +200,59 @@ def test_merge_shards_takes_each_entry_from_the_rank_that_computed_it():
     assert got[0].tolist() == [1.5, -2.0, 0.0]
     assert got[1] == [[[3]], [[1, 2]], [[4, 5]]]
     assert got[2] == [1.0, 2.0, 0.0]
+
+
+SCALE_WORKER = str(Path(__file__).with_name("scale_worker.py"))
+
+
+def _ckpt_step(out: Path) -> int:
+    try:
+        return json.loads((out / "ckpt" / "last" / CHECKPOINT_STATE).read_text())["step"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkill_of_one_worker_fails_the_run_naming_it_and_resume_matches_uninterrupted(tmp_path):
+    steps = 24
+    straight = tmp_path / "straight"
+    done = subprocess.run([sys.executable, SCALE_WORKER, str(straight), str(steps), "0"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, SCALE_WORKER, str(killed), str(steps), "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _ckpt_step(killed) < 6 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if "spawn_main" in " ".join(c.cmdline())]
+    assert len(workers) == 2 and proc.poll() is None, "the run ended before the kill"
+    victim = workers[-1]
+    victim.send_signal(signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=120)
+    at = _ckpt_step(killed)
+    assert proc.returncode != 0 and time.time() - t0 < 120  # fails, within a bounded time
+    assert "WorkerError" in err and "killed by signal 9 (SIGKILL)" in err, err[-2000:]
+    assert 0 < at < steps and not (killed / "final.pt").exists()
+
+    resumed = subprocess.run([sys.executable, SCALE_WORKER, str(killed), str(steps), "1"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = torch.load(straight / "final.pt"), torch.load(killed / "final.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert subprocess.run([sys.executable, SCALE_WORKER, str(out), "4", "0"],
+                          capture_output=True, timeout=600).returncode == 0
+    model = GPT2LMHeadModel.from_pretrained(out / "lm")
+    params = base_params("dpo", {"train.steps": 6, "train.checkpoint_dir": str(out / "ckpt"),
+                                 "train.checkpoint_every": 2, "train.resume": True,
+                                 "train.progress": False, "device": "cpu"})
+    job = PolicyJob("dpo", str(out / "lm"), PAD, params, _pairs(8, 0), Split([], []))
+    with pytest.raises(ValueError, match="written by 2 processes; resume with num_processes: 2"):
+        fit("policy", job, 1, "gloo", "cpu", lambda: model, GPT2LMHeadModel.from_pretrained)

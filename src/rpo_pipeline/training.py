@@ -219,7 +219,7 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     result, start = TrainResult(), 0
     last = Path(cfg.checkpoint_dir) / "last" if cfg.checkpoint_dir else None
     if cfg.resume and last is not None and (last / CHECKPOINT_STATE).exists():
-        start = load_checkpoint(accelerator, wrapped, last, result)
+        start = load_checkpoint(accelerator, accelerator.unwrap_model(wrapped), last, result)
     batches = iterate_batches(len(items), lengths, cfg.batch_size * size, cfg.seed)
     for _ in range(start * cfg.grad_accum):  # same data order as an uninterrupted run
         next(batches)
