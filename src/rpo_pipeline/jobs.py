@@ -307,3 +307,38 @@ def infer(job: InferenceJob, num_processes: int, backend: str,
             with open(Path(tmp) / f"shard_{rank}.pkl", "rb") as f:
                 parts.append(pickle.load(f))
     return merge_shards(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launched from outside (torchrun / accelerate launch, e.g. under Slurm on several machines)
+# --------------------------------------------------------------------------------------------------
+def write_job(job: Any, directory: str | Path) -> Path:
+    """Write ``job`` where ``python -m rpo_pipeline.jobs DIRECTORY KIND`` finds it (a shared
+    filesystem for several machines); rank 0 writes ``model/`` and ``result.json`` there."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / JOB_FILE, "wb") as f:
+        pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return directory
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun ... -m rpo_pipeline.jobs DIRECTORY KIND`` (KIND: policy | reward_model | sft):
+    the job of DIRECTORY in the process group that torchrun or accelerate launch describes in the
+    environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    directory, kind = (argv or sys.argv[1:])[:2]
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    _fit_worker(kind, directory)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

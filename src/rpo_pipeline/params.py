@@ -96,16 +96,16 @@ class TrainParams(Schema):
     seed: int
     log_every: PosInt
     progress: bool
+    bf16: bool  # bfloat16 autocast where the device has it (CUDA with bf16); ignored elsewhere
     num_processes: PosInt  # data-parallel workers (1: in the node's process)
     strategy: Literal["ddp", "fsdp"]  # how the workers share the model (accelerate)
     backend: Literal[BACKENDS]  # torch.distributed backend; auto: nccl on CUDA, gloo otherwise
 
 
 class PolicyTrainParams(TrainParams):
-    """DPO / RPO ``train``: adds periodic evaluation, bf16 autocast, checkpoints and resume."""
+    """DPO / RPO ``train``: adds periodic evaluation, checkpoints and resume."""
 
     eval_every: NonNegInt
-    bf16: bool
     checkpoint_every: NonNegInt
     checkpoint_dir: NonEmptyStr | None
     resume: bool

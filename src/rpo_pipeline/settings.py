@@ -6,6 +6,12 @@ from rpo_pipeline.hooks import SerializeRuns, ValidateParameters
 # MLflow store is prepared, so a bad setting touches nothing.
 HOOKS = (SerializeRuns(), ValidateParameters())
 
+def gpu_count() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
@@ -13,4 +19,6 @@ CONFIG_LOADER_ARGS = {
     # an env states only what it changes, and a nested `--params a.b.c=v` with `--env` keeps a.b's
     # other keys (the destructive merge applies runtime params to the env's partial copy of `a`).
     "merge_strategy": {"parameters": "soft"},
+    # ${gpu_count:} in a YAML value: the number of visible CUDA devices, at least 1 (conf/gpu)
+    "custom_resolvers": {"gpu_count": gpu_count},
 }
