@@ -232,8 +232,9 @@ def fit(kind: str, job: Any, num_processes: int, backend: str, device: str,
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class InferenceJob:
-    """``kind``: ``logprobs`` (``reference.score_responses``), ``rewards`` (``reward_model.score``)
-    or ``generate`` (``evaluation.generate``), of the model at ``model_path`` with ``args``."""
+    """``kind``: ``logprobs`` (``reference.score_responses``), ``sequence_logprobs``
+    (``evaluation.sequence_logprobs``), ``rewards`` (``reward_model.score``) or ``generate``
+    (``evaluation.generate``), of the model at ``model_path`` with ``args``."""
 
     kind: str
     model_path: str
@@ -243,7 +244,7 @@ class InferenceJob:
 
 def run_inference(job: InferenceJob, model: torch.nn.Module | None = None) -> Any:
     """The job's function on this process's share of the batches (all of them in one process)."""
-    from rpo_pipeline.evaluation import generate
+    from rpo_pipeline.evaluation import generate, sequence_logprobs
     from rpo_pipeline.reference import score_responses
     from rpo_pipeline.reward_model import RewardModel, score
 
@@ -254,6 +255,8 @@ def run_inference(job: InferenceJob, model: torch.nn.Module | None = None) -> An
     model = model if model is not None else _load_lm(job.model_path)
     if job.kind == "logprobs":
         return score_responses(model, device=job.device, **job.args)
+    if job.kind == "sequence_logprobs":
+        return sequence_logprobs(model, device=job.device, **job.args)
     if job.kind == "generate":
         return generate(model, device=job.device, **job.args)
     raise ValueError(f"unknown inference job {job.kind!r}")

@@ -17,14 +17,15 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rpo_pipeline.batching import iterate_batches, length_bucketed_batches
-from rpo_pipeline.params import Device, NonNegInt, TrainParams
+from rpo_pipeline.params import BACKENDS, Device, NonNegInt, TrainParams
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -33,13 +34,18 @@ LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]
 class TrainConfig(TrainParams):
     """The loop's settings: a stage's ``train`` block (validated, see ``params``) and its device.
 
-    Periodic evaluation, bf16 autocast, checkpoints and resume are off unless the stage's
-    parameters turn them on (DPO and RPO: ``PolicyTrainParams``); the other fields have no default.
+    For direct use (benchmarks, tests) periodic evaluation, bf16 autocast, checkpoints and resume
+    are off and the process layout is one process unless set (stages set them all from conf/base);
+    the other fields have no default. ``train`` reads the number of processes from the process
+    group it runs in; ``num_processes`` is how many workers the caller starts (``jobs.fit``).
     """
 
     device: Device  # auto | cpu | cuda | cuda:N
     eval_every: NonNegInt = 0  # run eval_fn every N steps (and at the end); 0: only at the end
     bf16: bool = False  # bfloat16 autocast, where the device supports it (CUDA with bf16)
+    num_processes: Annotated[int, Field(ge=1)] = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal[BACKENDS] = "auto"
     checkpoint_every: NonNegInt = 0  # 0: no checkpoints
     checkpoint_dir: str | None = None
     resume: bool = False  # continue from checkpoint_dir/last if it exists

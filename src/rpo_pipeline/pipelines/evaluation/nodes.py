@@ -34,13 +34,10 @@ METRICS = ("gold_reward_mean", "rm_score_mean", "kl_to_reference", "win_rate_gol
 
 def _sequence_logprobs(model: PretrainedHandle, prompts: list[list[int]],
                        completions: list[list[int]], pad: int, p: EvaluationParams) -> np.ndarray:
-    """log π(y|x) of each completion (``evaluation.sequence_logprobs``), sharded by batch over
-    ``evaluation.num_processes``."""
-    seqs = [list(x) + list(y) for x, y in zip(prompts, completions, strict=True)]
-    job = InferenceJob("logprobs", str(model.path), p.device, {
-        "input_ids": seqs, "response_starts": [len(x) for x in prompts], "pad_id": pad,
-        "batch_size": p.batch_size, "progress": False})
-    return infer(job, p.num_processes, p.backend, model.load)[0]
+    """``evaluation.sequence_logprobs``, sharded by batch over ``evaluation.num_processes``."""
+    job = InferenceJob("sequence_logprobs", str(model.path), p.device, {
+        "prompts": prompts, "completions": completions, "pad_id": pad, "batch_size": p.batch_size})
+    return infer(job, p.num_processes, p.backend, model.load)
 
 
 def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,

@@ -42,18 +42,14 @@ def _run(sft_model: PretrainedHandle, job: PolicyJob, p: PolicyParams) -> tuple[
     return model, metrics | scalars({"world_size": t.num_processes})
 
 
-def _split(items_lengths: tuple[list, list[int]]) -> Split:
-    return Split(*items_lengths)
-
-
 def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
                  pairs: pd.DataFrame, reference: pd.DataFrame, params: dict[str, Any]
                  ) -> tuple[Any, MetricsPayload]:
     """DPO family: train on (chosen, rejected) pairs with the configured loss."""
     p = DpoParams.parse(params)
     job = PolicyJob("dpo", str(sft_model.path), tokenizer.load().pad_token_id, p.model_dump(),
-                    _split(preference_items(tokenized, pairs, reference, "train")),
-                    _split(preference_items(tokenized, pairs, reference, "val")))
+                    Split(*preference_items(tokenized, pairs, reference, "train")),
+                    Split(*preference_items(tokenized, pairs, reference, "val")))
     return _run(sft_model, job, p)
 
 
@@ -70,7 +66,7 @@ def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
     targets = reward_targets(groups, reward_scores, reward_stats, p.reward_source,
                              p.reward_normalization)
     job = PolicyJob("rpo", str(sft_model.path), tokenizer.load().pad_token_id, p.model_dump(),
-                    _split(group_items(tokenized, reference, targets, "train")),
-                    _split(group_items(tokenized, reference, targets, "val")),
-                    _split(preference_items(tokenized, pairs, reference, "val")))
+                    Split(*group_items(tokenized, reference, targets, "train")),
+                    Split(*group_items(tokenized, reference, targets, "val")),
+                    Split(*preference_items(tokenized, pairs, reference, "val")))
     return _run(sft_model, job, p)
