@@ -59,6 +59,8 @@ RULES = [
     ({"reference.sft.lr": -1.0}, "reference.sft.lr = -1.0: must be greater than 0"),
     ({"reward_model.train.steps": -1}, "reward_model.train.steps = -1: must be greater than or equal to 0"),
     ({"rpo.train.batch_size": 0}, "rpo.train.batch_size = 0: must be greater than or equal to 1"),
+    ({"dpo.train.batch_size": 2, "dpo.train.num_processes": 3},
+     "dpo.train.batch_size = 2 is smaller than num_processes = 3: batch_size is the global batch"),
     ({"reference.logprobs.batch_size": 0}, "reference.logprobs.batch_size = 0: must be greater than or equal"),
     ({"reward_model.score.batch_size": 0}, "reward_model.score.batch_size = 0: must be greater than or equal"),
     ({"evaluation.batch_size": 0}, "evaluation.batch_size = 0: must be greater than or equal to 1"),

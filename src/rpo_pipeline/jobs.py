@@ -74,8 +74,12 @@ def _config(train_block: dict[str, Any], device: str) -> TrainConfig:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off (as TRL's ``disable_dropout``): π's log-probs are then computed like the cached
-    π_ref's, in eval mode, so the implicit reward starts at exactly 0 and its gradient is not noise."""
+    """Dropout off (as TRL's ``disable_dropout``, the default of its DPO and reward configs).
+
+    In a policy, π's log-probs are then computed like the cached π_ref's, in eval mode, so the
+    implicit reward starts at exactly 0 and its gradient is not noise. In any model it makes the
+    gradient a function of the batch alone, so N processes take exactly the steps of one process
+    (dropout masks are drawn per process)."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -146,6 +150,8 @@ def fit_reward_model(job: RewardModelJob, model: torch.nn.Module | None = None
     cfg = _config(p.train.model_dump(), p.device)
     if model is None:
         model = RewardModel.for_training(job.config, seed=cfg.seed, device=p.device)
+    if p.disable_dropout:
+        disable_dropout(model)
     collate = pair_collate(job.pad_id)
     loss_fn = reward_pair_loss(p.center_coef)
     result = train(model, job.train.items, job.train.lengths, collate, loss_fn, cfg,

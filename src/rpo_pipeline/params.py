@@ -101,6 +101,15 @@ class TrainParams(Schema):
     strategy: Literal["ddp", "fsdp"]  # how the workers share the model (accelerate)
     backend: Literal[BACKENDS]  # torch.distributed backend; auto: nccl on CUDA, gloo otherwise
 
+    @model_validator(mode="after")
+    def _every_process_gets_items(self) -> TrainParams:
+        if self.batch_size < self.num_processes:
+            raise RuleError("batch_size", f"= {self.batch_size} is smaller than num_processes = "
+                            f"{self.num_processes}: batch_size is the global batch, split over the "
+                            "processes, so some would get no item; raise batch_size or lower "
+                            "num_processes")
+        return self
+
 
 class PolicyTrainParams(TrainParams):
     """DPO / RPO ``train``: adds periodic evaluation, checkpoints and resume."""
@@ -256,6 +265,7 @@ class RewardModelParams(Schema):
     lora: LoraParams
     center_coef: NonNegFloat
     margin_column: Literal["score_difference", "score_chosen", "score_rejected"] | None
+    disable_dropout: bool
     device: Device
     train: TrainParams
     score: InferenceParams

@@ -103,7 +103,7 @@ def shard(batch: list[int], rank: int, world_size: int) -> tuple[list[int], floa
 
     Parts differ in size by at most one. DDP averages gradients over ranks, so scaling each rank's
     mean loss by ``world_size * n_rank / n`` makes the update that of the mean over the whole global
-    batch: N processes with per-process batch b step exactly like 1 process with batch N·b. A rank
+    batch: N processes step exactly like 1 process with the same ``batch_size``. A rank
     whose part is empty (a global batch smaller than the world) gets one item with weight 0, so
     that it still takes part in the gradient all-reduce.
     """
@@ -206,12 +206,13 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
 
     Runs on ``accelerate.Accelerator``; inside a ``torch.distributed`` process group of N ranks
     (``distributed.run_workers``) it is data parallel: every step takes ``grad_accum`` global
-    batches of N·``batch_size`` items from one seeded, length-bucketed order, and each rank trains
-    on its ``shard``. Logged metrics are means over the global batch; ``items_per_second`` counts
-    the items of all ranks. ``eval_fn(model) -> metrics`` runs every ``cfg.eval_every`` steps and
-    at the end on every rank (see ``evaluate``); its metrics are logged with an ``eval_`` prefix. A
-    non-finite loss or gradient norm stops training (``FloatingPointError``) before the optimizer
-    step, so the weights and the last checkpoint stay the last good state.
+    batches of ``batch_size`` items from one seeded, length-bucketed order, and each rank trains
+    on its ``shard`` (so the steps do not depend on N). Logged metrics are means over the global
+    batch; ``items_per_second`` counts the items of all ranks. ``eval_fn(model) -> metrics`` runs
+    every ``cfg.eval_every`` steps and at the end on every rank (see ``evaluate``); its metrics are
+    logged with an ``eval_`` prefix. A non-finite loss or gradient norm stops training
+    (``FloatingPointError``) before the optimizer step, so the weights and the last checkpoint
+    stay the last good state.
     """
     rank, size = world()
     accelerator = make_accelerator(cfg)
@@ -226,7 +227,9 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     last = Path(cfg.checkpoint_dir) / "last" if cfg.checkpoint_dir else None
     if cfg.resume and last is not None and (last / CHECKPOINT_STATE).exists():
         start = load_checkpoint(accelerator, accelerator.unwrap_model(wrapped), last, result)
-    batches = iterate_batches(len(items), lengths, cfg.batch_size * size, cfg.seed)
+    # batch_size is global (as nanoGPT keeps its total batch): the number of processes splits the
+    # work of a step, it does not change the step
+    batches = iterate_batches(len(items), lengths, cfg.batch_size, cfg.seed)
     for _ in range(start * cfg.grad_accum):  # same data order as an uninterrupted run
         next(batches)
     window: dict[str, float] = defaultdict(float)
