@@ -100,18 +100,23 @@ class TreeSampler(threading.Thread):
 
 
 def node_intervals(logfile: Path) -> list[tuple[str, float, float]]:
-    """(node, start, end) from the "Running node" / "Completed node" records."""
-    started, out = {}, []
+    """(node, start, end) from the "Running node" / "Completed node" records.
+
+    Kedro logs "Running node" with the node's short name and "Completed node" with its
+    namespaced name, so the two are paired by order: the SequentialRunner runs one node
+    at a time, and a node completes before the next one starts.
+    """
+    start, out = None, []
     for line in logfile.read_text().splitlines():
         parts = line.split("|", 2)
         if len(parts) < 3:
             continue
         t, msg = float(parts[0]), parts[2]
         if msg.startswith("Running node: "):
-            started[msg[len("Running node: "):].split(":")[0].strip()] = t
-        elif msg.startswith("Completed node: "):
-            name = msg[len("Completed node: "):].strip()
-            out.append((name, started.pop(name), t))
+            start = t
+        elif msg.startswith("Completed node: ") and start is not None:
+            out.append((msg[len("Completed node: "):].strip(), start, t))
+            start = None
     return out
 
 
@@ -152,7 +157,8 @@ def run_env(env: str, n: int, owner: dict[str, str], pipelines: str | None = Non
                              + (work / "stderr.txt").read_text()[-4000:])
         stages = {s: {"seconds": 0.0, "peak_pss_mb": 0.0, "peak_rss_mb": 0.0, "nodes": 0}
                   for s in STAGES}
-        for name, start, end in node_intervals(logfile):
+        intervals = node_intervals(logfile)
+        for name, start, end in intervals:
             st = stages[owner[name]]
             st["seconds"] += end - start
             st["nodes"] += 1
@@ -165,6 +171,7 @@ def run_env(env: str, n: int, owner: dict[str, str], pipelines: str | None = Non
                 "peak_pss_mb": max(s[1] for s in sampler.samples) / 2**20,
                 "max_processes_seen": max(s[3] for s in sampler.samples),
                 "metrics": {k: metrics.get(k) for k in REPORTED},
+                "nodes": [(name, round(a - t0, 2), round(b - t0, 2)) for name, a, b in intervals],
                 "all_metrics": metrics}
     finally:
         shutil.rmtree(project, ignore_errors=True)
@@ -215,16 +222,17 @@ def main() -> None:
 
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}")
-    runs = []
-    for n in args.processes:
-        print(f"kedro run --env={args.env} with {n} process(es) ...", flush=True)
-        runs.append(run_env(args.env, n, owner, args.pipelines))
-        print(f"  {runs[-1]['wall_seconds']:.1f} s", flush=True)
-    result = {"env": args.env, "pipelines": args.pipelines or "all", "commit": commit, "machine": machine, "runs": runs}
+    result = {"env": args.env, "pipelines": args.pipelines or "all", "commit": commit,
+              "machine": machine, "runs": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+    for n in args.processes:
+        print(f"kedro run --env={args.env} with {n} process(es) ...", flush=True)
+        result["runs"].append(run_env(args.env, n, owner, args.pipelines))
+        print(f"  {result['runs'][-1]['wall_seconds']:.1f} s", flush=True)
+        # written after every run: a long benchmark cut off later keeps what it measured
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 
 
