@@ -21,6 +21,7 @@ import torch
 from conftest import base_params
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from rpo_pipeline.distributed import WorkerError
 from rpo_pipeline.jobs import (
     InferenceJob,
     PolicyJob,
@@ -270,3 +271,11 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     job = PolicyJob("dpo", str(out / "lm"), PAD, params, _pairs(8, 0), Split([], []))
     with pytest.raises(ValueError, match="written by 2 processes; resume with num_processes: 2"):
         fit("policy", job, 1, "gloo", "cpu", lambda: model, GPT2LMHeadModel.from_pretrained)
+
+
+def test_fsdp_on_cpu_is_refused_rather_than_run_as_ddp(lm_dir):
+    """accelerate applies FSDP only on accelerators; on CPU it quietly wraps the model in DDP, so
+    ``strategy: fsdp`` there would be a lie: the run fails naming the key instead."""
+    with pytest.raises(WorkerError, match=r"train.strategy = 'fsdp' needs GPUs.*use strategy: ddp"):
+        _policy_pair("dpo", lm_dir, _pairs(12, 0), _pairs(4, 1), None, 4, steps=1,
+                     **{"train.strategy": "fsdp"})

@@ -191,6 +191,10 @@ def make_accelerator(cfg: TrainConfig):
     device = resolve_device(cfg.device)
     bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     _, size = world()
+    if size > 1 and cfg.strategy == "fsdp" and device.type == "cpu":
+        # accelerate shards with FSDP only on accelerators; on CPU it would quietly run DDP
+        raise ValueError("train.strategy = 'fsdp' needs GPUs (or another accelerator): on the "
+                         "CPU accelerate would silently fall back to DDP; use strategy: ddp")
     fsdp = FullyShardedDataParallelPlugin() if size > 1 and cfg.strategy == "fsdp" else None
     return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
                        gradient_accumulation_steps=cfg.grad_accum,
