@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rpo_pipeline.losses import preference_loss
 from rpo_pipeline.policy import policy_collate, preference_items
+from rpo_pipeline.scoring import ResponseLogprobs
 from rpo_pipeline.training import TrainConfig, train
 
 SFT, TOK = "data/06_models/sft_model", "data/06_models/tokenizer"
@@ -30,7 +31,8 @@ def ours(items, lengths, pad_id, steps, batch) -> float:
     cfg = TrainConfig(steps=steps, lr=5e-4, batch_size=batch, grad_accum=1, warmup_steps=4,
                       schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, seed=0,
                       log_every=steps, progress=False, device="cpu")
-    res = train(model, items, lengths, policy_collate(pad_id), preference_loss("sigmoid", 0.1), cfg)
+    res = train(ResponseLogprobs(model), items, lengths, policy_collate(pad_id),
+                preference_loss("sigmoid", 0.1), cfg)
     return steps * batch / res.seconds
 
 

@@ -46,14 +46,19 @@ def train_config(**overrides: Any):
 
 
 class TableLM(torch.nn.Module):
-    """A 'language model' whose next-token logits are a learnable table (log-probs easy to control)."""
+    """A scorer (``scoring.ResponseLogprobs``'s interface) whose next-token logits are a learnable
+    table: log p(y_t | ..., y_{t-1}) = log_softmax(table[y_{t-1}])[y_t] (log-probs easy to control).
+    Takes ``scoring.shared_prefix_collate`` batches; returns summed response log-probs and counts."""
 
     def __init__(self, vocab: int = 6):
         super().__init__()
         self.logits = torch.nn.Parameter(torch.randn(vocab, vocab))
 
-    def forward(self, input_ids, **_):
-        return type("Out", (), {"logits": self.logits[input_ids]})()
+    def forward(self, batch):
+        ids, mask = batch["response_ids"], batch["response_attention_mask"]
+        prev = torch.cat([batch["prompt_ids"][batch["prompt_index"], -1:], ids[:, :-1]], 1)
+        lp = torch.log_softmax(self.logits[prev], -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return (lp * mask).double().sum(-1), mask.sum(-1)
 
 
 def shared_file(relative: str) -> Path:

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import TableLM
 
-from rpo_pipeline.batching import response_logprobs
 from rpo_pipeline.losses import dpo_sigmoid, hinge, ipo, preference_loss
 from rpo_pipeline.policy import policy_collate
 
@@ -110,7 +109,7 @@ def test_policy_loss_uses_cached_reference_and_reports_trl_metrics():
     batch = policy_collate(pad_id=0)(items)
     beta = 0.1
     loss, m = preference_loss("sigmoid", beta)(model, batch)
-    logp, _, _ = response_logprobs(model, batch)
+    logp, _ = model(batch)
     ref = torch.tensor([-3.0, -4.0, -2.0, -5.0], dtype=torch.float64)
     ratio = logp.detach() - ref
     delta = ratio[:2] - ratio[2:]
@@ -135,7 +134,7 @@ def test_ipo_metrics_use_the_per_token_averaged_log_ratios_of_its_loss():
     batch = policy_collate(pad_id=0)(items)
     beta = 0.5
     loss, m = preference_loss("ipo", beta)(model, batch)
-    logp, n, _ = response_logprobs(model, batch)
+    logp, n = model(batch)
     logp, n = logp.detach(), n.double()
     ref = torch.tensor([-3.0, -4.0, -2.0, -9.0], dtype=torch.float64)
     avg_ratio = (logp - ref) / n

@@ -102,7 +102,9 @@ def test_4bit_reward_model_on_llama_trains_only_lora_and_head(checkpoints, tmp_p
     model.save_pretrained(str(tmp_path / "rm"))
     seqs = [a for a, _ in items[:4]]
     again = RewardModel.from_pretrained(str(tmp_path / "rm"))
-    assert score(again, seqs, tok.pad_token_id) == pytest.approx(score(model, seqs, tok.pad_token_id), abs=1e-5)
+    starts = [3] * len(seqs)
+    assert score(again, seqs, starts, tok.pad_token_id) == pytest.approx(
+        score(model, seqs, starts, tok.pad_token_id), abs=1e-5)
 
 
 TINY = {"reference.sft.steps": 3, "reference.sft.progress": False, "reference.device": "cpu",

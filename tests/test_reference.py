@@ -9,7 +9,6 @@ import torch
 from conftest import DEFAULT_DATA, base_params, train_config
 
 from rpo_pipeline.base_model import make_base_model
-from rpo_pipeline.batching import collate, response_logprobs
 from rpo_pipeline.datasets import FingerprintedParquetDataset, PretrainedDirDataset
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted
 from rpo_pipeline.losses import sft_nll
@@ -17,6 +16,7 @@ from rpo_pipeline.params import BaseModelParams, ReferenceParams
 from rpo_pipeline.pipelines.reference.nodes import build_reference_cache, train_sft
 from rpo_pipeline.preference_data import assign_splits, groups_to_pairs, ingest, read_preference_files
 from rpo_pipeline.reference import score_responses, select_examples, sft_collate
+from rpo_pipeline.scoring import ResponseLogprobs, shared_prefix_collate
 from rpo_pipeline.text_format import format_groups, tokenize_examples
 from rpo_pipeline.training import evaluate, train
 
@@ -54,7 +54,7 @@ def _items(rows):
 def test_sft_learns_on_held_out_data(data):
     import copy
 
-    model = copy.deepcopy(data["model"])
+    model = ResponseLogprobs(copy.deepcopy(data["model"]))
     tr = select_examples(data["tokenized"], data["pairs"], ["train"])
     va = select_examples(data["tokenized"], data["pairs"], ["val"])
     col = sft_collate(data["tok"].pad_token_id)
@@ -83,18 +83,15 @@ def _manual_logp(model, ids, start):
     return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))), len(ids) - start
 
 
-def test_cached_logprobs_equal_fresh_with_any_padding(data):
+def test_cached_logprobs_equal_fresh_with_any_batching(data):
     model = data["model"].eval()
     rows = data["tokenized"].head(40)
     ids, starts = rows["input_ids"].tolist(), rows["response_start"].tolist()
     pad = data["tok"].pad_token_id
     cached, n_cached = score_responses(model, ids, starts, pad, batch_size=16, progress=False)
-    left, _ = score_responses(model, ids, starts, pad, batch_size=16, padding_side="left",
-                              progress=False)
     single, _ = score_responses(model, ids, starts, pad, batch_size=1, progress=False)
-    np.testing.assert_allclose(cached, left, rtol=0, atol=1e-5)
     np.testing.assert_allclose(cached, single, rtol=0, atol=1e-5)
-    for i in range(0, 40, 7):
+    for i in range(40):
         manual, n = _manual_logp(model, list(ids[i]), starts[i])
         assert abs(cached[i] - manual) < 1e-4 and n_cached[i] == n
 
@@ -103,15 +100,13 @@ def test_prompt_response_boundary_token_is_scored(data):
     """The first response token (predicted from the last prompt token) counts; the prompt does not."""
     model = data["model"].eval()
     ids, start = list(data["tokenized"].iloc[0]["input_ids"]), int(data["tokenized"].iloc[0]["response_start"])
-    batch = collate([ids], [start], data["tok"].pad_token_id)
     with torch.no_grad():
-        total, n, per_token = response_logprobs(model, batch)
-    first = per_token[0, start - 1].item()  # log p(ids[start] | ids[:start])
-    with torch.no_grad():
-        expected = torch.log_softmax(model(torch.tensor([ids[:start]])).logits[0, -1].double(), -1)
-    assert first == pytest.approx(expected[ids[start]].item(), abs=1e-5)
-    assert first != 0.0 and per_token[0, : start - 1].abs().sum() == 0
-    assert int(n) == len(ids) - start
+        total, n = ResponseLogprobs(model)(shared_prefix_collate([ids], [start], data["tok"].pad_token_id))
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    expected = sum(lp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+    without_first = expected - lp[start - 1, ids[start]].item()
+    assert total.item() == pytest.approx(expected, abs=1e-4)
+    assert abs(total.item() - without_first) > 1e-2 and int(n) == len(ids) - start
 
 
 def test_sft_and_cache_nodes_hit_when_inputs_are_unchanged(data, saved):

@@ -88,8 +88,9 @@ def test_reward_model_learns_and_survives_save_load(setup, tmp_path):
     assert (tmp_path / "rm" / "reward_head.safetensors").exists()
     fresh = ds.load().load()
     seqs = [c for c, _, _ in val[:8]] + [r for _, r, _ in val[:8]]
-    before = score(model, seqs, setup["tok"].pad_token_id)
-    after = score(fresh, seqs, setup["tok"].pad_token_id)
+    starts = [2] * len(seqs)
+    before = score(model, seqs, starts, setup["tok"].pad_token_id)
+    after = score(fresh, seqs, starts, setup["tok"].pad_token_id)
     assert after == pytest.approx(before, abs=1e-4)  # adapter and head both restored
 
 
@@ -98,7 +99,7 @@ def test_logits_head_and_full_precision_variant(setup):
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert model.head.in_features == len(setup["tok"])
     batch = pair_collate(setup["tok"].pad_token_id)([([5, 6, 7], [5, 6, 8, 9])])
-    assert model(**batch).shape == (2,)
+    assert model(batch).shape == (2,)
     with pytest.raises(ValueError, match="head_input"):
         RewardModelConfig(backbone_path="x", head_input="pooled")
 

@@ -126,7 +126,6 @@ def test_group_items_need_equal_k_and_cached_reference():
 
 
 def test_reward_aware_loss_k2_uses_pair_form_and_reports_agreement():
-    from rpo_pipeline.batching import response_logprobs
     from rpo_pipeline.losses import reward_aware_loss
     from rpo_pipeline.policy import group_collate
 
@@ -137,7 +136,7 @@ def test_reward_aware_loss_k2_uses_pair_form_and_reports_agreement():
     batch = group_collate(0)(items)
     beta, eta = 0.5, 2.0
     loss, m = reward_aware_loss("bwd_kl", beta, eta)(model, batch)
-    logp, _, _ = response_logprobs(model, batch)
+    logp, _ = model(batch)
     a = (beta * (logp.detach() - batch["ref_logps"])).view(2, 2)
     b = (eta * batch["targets"]).view(2, 2)
     expected = rpo_pair(a[:, 0] - a[:, 1], b[:, 0] - b[:, 1], "bwd_kl").mean()
@@ -148,7 +147,7 @@ def test_reward_aware_loss_k2_uses_pair_form_and_reports_agreement():
     assert m["rewards/chosen"] == pytest.approx(((a[0, 0] + a[1, 1]) / 2).item())
     # sft_weight: + w * per-token NLL of each group's best response (row 0 of group 0, row 3)
     with_sft, _ = reward_aware_loss("bwd_kl", beta, eta, sft_weight=0.5)(model, batch)
-    _, n_tok, _ = response_logprobs(model, batch)
+    _, n_tok = model(batch)
     nll = -(logp[0] + logp[3]).item() / (n_tok[0] + n_tok[3]).item()
     assert with_sft.item() == pytest.approx(expected.item() + 0.5 * nll, abs=1e-9)
     with pytest.raises(ValueError, match="unknown RPO distance"):

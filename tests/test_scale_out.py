@@ -202,7 +202,7 @@ def test_sharded_inference_equals_one_process(lm_dir, tmp_path):
     rm_dir = tmp_path / "rm"
     RewardModel.for_training(RewardModelConfig(backbone_path=lm_dir, lora_r=4, lora_alpha=8)
                              ).save_pretrained(str(rm_dir))
-    rm_args = {"sequences": seqs, "pad_id": PAD, "batch_size": 4}
+    rm_args = {"sequences": seqs, "response_starts": starts, "pad_id": PAD, "batch_size": 4}
     r1 = infer(InferenceJob("rewards", str(rm_dir), "cpu", rm_args), 1, "gloo")
     r2 = infer(InferenceJob("rewards", str(rm_dir), "cpu", rm_args), 2, "gloo")
     np.testing.assert_allclose(r2, r1, rtol=0, atol=1e-6)

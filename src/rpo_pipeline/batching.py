@@ -1,7 +1,8 @@
-"""Batches of tokenized examples and the log-probabilities of their response tokens.
+"""Padded batches of tokenized examples, and length-bucketed batch orders.
 
 Kedro-free. An example is a row of ``tokenized_examples``: ``input_ids`` (prompt + response) and
-``response_start`` (index of the first response token). Only response tokens are scored.
+``response_start`` (index of the first response token). Scoring batches, with each prompt once,
+are ``scoring.shared_prefix_collate``'s.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def collate(examples: Sequence[Sequence[int]], response_starts: Sequence[int], pad_id: int,
@@ -35,29 +35,6 @@ def collate(examples: Sequence[Sequence[int]], response_starts: Sequence[int], p
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp,
             "position_ids": positions}
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token t | tokens < t) for t = 1..T-1, shape (B, T-1), computed in float32."""
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-
-
-def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-prob per sequence, response token counts, and the per-token log-probs.
-
-    The prompt is masked out: only tokens with ``response_mask`` contribute, including the first
-    response token (predicted from the last prompt position). Token log-probs are float32; their
-    sum is float64 (a float32 sum of ~100 terms of a few nats is off by ~1e-5 with padding alone).
-    """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False)
-    logp = token_logprobs(out.logits, batch["input_ids"])
-    mask = batch["response_mask"][:, 1:]
-    logp = logp.masked_fill(~mask, 0.0)
-    return logp.double().sum(-1), mask.sum(-1), logp
 
 
 def length_bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from rpo_pipeline.scoring import ResponseLogprobs
 from rpo_pipeline.training import TrainConfig, TrainResult, evaluate, train, world
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,8 @@ def fit_policy(job: PolicyJob, model: torch.nn.Module | None = None
         torch.manual_seed(p.train.seed)  # the adapter's initialisation, the same in every process
         model = get_peft_model(model, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha,
                                                  lora_dropout=p.lora.dropout, target_modules=targets))
-    result = train(model, job.train.items, job.train.lengths, collate, loss_fn, cfg, desc=p.name,
-                   eval_fn=eval_fn if job.val.items else None)
+    result = train(ResponseLogprobs(model), job.train.items, job.train.lengths, collate, loss_fn,
+                   cfg, desc=p.name, eval_fn=eval_fn if job.val.items else None)
     if p.lora.enabled:
         model = model.merge_and_unload()
     return model.cpu(), result, {}
@@ -176,8 +177,9 @@ def fit_sft(job: SftJob, model: torch.nn.Module | None = None
     cfg = _config(p.sft.model_dump(exclude={"responses"}), p.device)
     model = model if model is not None else _load_lm(job.model_path)
     collate = sft_collate(job.pad_id)
-    result = train(model, job.train.items, job.train.lengths, collate, sft_nll, cfg, desc="sft")
-    val = evaluate(model, job.val.items, job.val.lengths, collate, sft_nll,
+    scorer = ResponseLogprobs(model)
+    result = train(scorer, job.train.items, job.train.lengths, collate, sft_nll, cfg, desc="sft")
+    val = evaluate(scorer, job.val.items, job.val.lengths, collate, sft_nll,
                    batch_size=2 * cfg.batch_size, device=p.device)
     return model.cpu(), result, {"val_loss": val["loss"]}
 

@@ -1,14 +1,14 @@
 """Training losses, each a short function of a model and a batch (see ``training.train``).
 
-Kedro-free. Batches come from ``batching.collate``.
+Kedro-free. For the policy losses and SFT, ``model`` is a ``scoring.ResponseLogprobs`` (one forward
+gives each row's summed response log-prob and token count) and batches come from
+``scoring.shared_prefix_collate``; for the reward model it is a ``reward_model.RewardModel``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from rpo_pipeline.batching import response_logprobs
 
 
 def token_mean(total: torch.Tensor, tokens: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -40,7 +40,7 @@ def sft_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]
 
     L = - (1 / Σ_b |y_b|) Σ_b Σ_{t ∈ y_b} log π(y_t | x, y_<t);  the prompt x is not scored.
     """
-    logp_sum, n_tokens, _ = response_logprobs(model, batch)
+    logp_sum, n_tokens = model(batch)
     loss = token_mean(-logp_sum.sum(), n_tokens.sum(), batch)
     return loss, {"tokens": float(n_tokens.sum())}
 
@@ -63,7 +63,7 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
 def reward_pair_loss(center_coef: float = 0.0):
     """loss_fn for ``training.train``: chosen and rejected scored in one forward."""
     def fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        rewards = model(**batch)
+        rewards = model(batch)
         n = rewards.shape[0] // 2
         r_c, r_r = rewards[:n], rewards[n:]
         loss = bradley_terry(r_c, r_r, batch["margin"], center_coef)
@@ -113,7 +113,7 @@ def preference_loss(name: str, beta: float, label_smoothing: float = 0.0, sft_we
     pair_loss = PAIR_LOSSES[name]
 
     def fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logp, n_tokens, _ = response_logprobs(model, batch)
+        logp, n_tokens = model(batch)
         ref = batch["ref_logps"].to(logp.dtype)
         b = logp.shape[0] // 2
         if name in AVERAGED_LOGPS:
@@ -198,7 +198,7 @@ def reward_aware_loss(distance: str, beta: float, eta: float, average_logps: boo
         raise ValueError(f"unknown RPO distance {distance!r}; valid: {RPO_DISTANCES}")
 
     def fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logp, n_tokens, _ = response_logprobs(model, batch)
+        logp, n_tokens = model(batch)
         k = int(batch["group_size"])
         ref = batch["ref_logps"].to(logp.dtype)
         scale = n_tokens.clamp(min=1).to(logp.dtype) if average_logps else 1.0

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from rpo_pipeline.batching import collate
+from rpo_pipeline.scoring import shared_prefix_collate
 
 KEY = ["group_id", "response_index"]
 
@@ -48,12 +48,12 @@ def preference_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd
     return items, lengths
 
 
-def policy_collate(pad_id: int):
-    """Items of ``preference_items`` -> one right-padded batch: chosen rows, then rejected rows."""
+def policy_collate(pad_id: int, share_prefix: bool = True):
+    """Items of ``preference_items`` -> one batch (each prompt once): chosen rows, then rejected."""
     def fn(items: Sequence[tuple]) -> dict[str, torch.Tensor]:
         seqs = [i[0] for i in items] + [i[2] for i in items]
         starts = [i[1] for i in items] + [i[3] for i in items]
-        batch = collate(seqs, starts, pad_id)
+        batch = shared_prefix_collate(seqs, starts, pad_id, share_prefix)
         batch["ref_logps"] = torch.tensor([i[4] for i in items] + [i[5] for i in items],
                                           dtype=torch.float64)
         return batch
@@ -118,12 +118,12 @@ def group_items(tokenized: pd.DataFrame, reference: pd.DataFrame, targets: pd.Da
     return items, [max(len(x) for x in it[0]) for it in items]
 
 
-def group_collate(pad_id: int):
-    """Group items -> one batch of B·K sequences, group-major, with ``group_size`` = K."""
+def group_collate(pad_id: int, share_prefix: bool = True):
+    """Group items -> one batch of B·K rows (each prompt once), group-major, ``group_size`` = K."""
     def fn(items: Sequence[tuple]) -> dict[str, torch.Tensor]:
         seqs = [s for it in items for s in it[0]]
         starts = [s for it in items for s in it[1]]
-        batch = collate(seqs, starts, pad_id)
+        batch = shared_prefix_collate(seqs, starts, pad_id, share_prefix)
         batch["ref_logps"] = torch.tensor([r for it in items for r in it[2]], dtype=torch.float64)
         batch["targets"] = torch.tensor([r for it in items for r in it[3]], dtype=torch.float64)
         batch["group_size"] = torch.tensor(len(items[0][0]))

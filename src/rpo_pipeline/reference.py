@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rpo_pipeline.batching import collate, length_bucketed_batches, response_logprobs
+from rpo_pipeline.scoring import ResponseLogprobs, scoring_batches, shared_prefix_collate
 from rpo_pipeline.training import local_device, to_device, world
 
 # Bump when the log-prob computation changes meaning; it is part of the cache fingerprint.
@@ -33,34 +33,33 @@ def select_examples(tokenized: pd.DataFrame, pairs: pd.DataFrame, splits: Sequen
 
 
 def sft_collate(pad_id: int):
-    """Collate (input_ids, response_start) items, right-padded."""
+    """Collate (input_ids, response_start) items (each distinct prompt once)."""
     def fn(items: list[tuple[Sequence[int], int]]) -> dict[str, torch.Tensor]:
-        return collate([i[0] for i in items], [i[1] for i in items], pad_id)
+        return shared_prefix_collate([i[0] for i in items], [i[1] for i in items], pad_id)
     return fn
 
 
 @torch.inference_mode()
 def score_responses(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
                     response_starts: Sequence[int], pad_id: int, batch_size: int = 64,
-                    device: str = "auto", padding_side: str = "right", progress: bool = True
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    device: str = "auto", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-prob and response token count of every sequence, in input order.
 
-    Batches are sorted by length (least padding); float32 on the given device. In a process
-    group each rank computes every N-th batch (zeros elsewhere): the batches, and so the values,
-    are those of one process, and summing the ranks' arrays gives its table exactly.
+    Rows that share a prompt go in one batch and the prompt runs once (``scoring``); float32 on
+    the given device. In a process group each rank computes every N-th batch (zeros elsewhere):
+    the batches, and so the values, are those of one process, and summing the ranks' arrays gives
+    its table exactly.
     """
     dev = local_device(device)
-    model.to(dev).eval()
-    lengths = [len(x) for x in input_ids]
+    scorer = ResponseLogprobs(model.to(dev)).eval()
     logp = np.zeros(len(input_ids), dtype=np.float64)
     count = np.zeros(len(input_ids), dtype=np.int64)
     rank, size = world()
-    batches = length_bucketed_batches(lengths, batch_size, seed=0, shuffle=False)[rank::size]
+    batches = scoring_batches(input_ids, response_starts, batch_size)[rank::size]
     for idx in tqdm(batches, desc="reference log-probs", disable=not progress, dynamic_ncols=True):
-        batch = collate([input_ids[i] for i in idx], [response_starts[i] for i in idx], pad_id,
-                        padding_side)
-        s, n, _ = response_logprobs(model, to_device(batch, dev))
+        batch = shared_prefix_collate([input_ids[i] for i in idx],
+                                      [response_starts[i] for i in idx], pad_id)
+        s, n = scorer(to_device(batch, dev))
         logp[idx] = s.cpu().numpy()
         count[idx] = n.cpu().numpy()
     return logp, count

@@ -1,8 +1,10 @@
 """Reward model: a causal-LM backbone in 4-bit NF4 (bitsandbytes) with LoRA (peft) and a scalar head.
 
-Kedro-free. Batches are left-padded, so the last position of every row is its last real token: the
-head reads the final hidden state there (``head_input: hidden``) or the final-position vocabulary
-logits (``head_input: logits``, the seed's variant).
+Kedro-free. The head reads the final hidden state at each sequence's last token (``head_input:
+hidden``) or the vocabulary logits there (``head_input: logits``, the seed's variant). Batches come
+from ``scoring.shared_prefix_collate``: a chosen and a rejected response (and the responses of one
+prompt when scoring) run their common prefix once; the reward depends on the last token's state
+only, so where the sequences are split does not change it.
 
 Saved with ``save_pretrained``: the LoRA adapter (peft, safetensors), ``reward_head.safetensors``
 and ``reward_model.json`` (backbone path, quantization, head input). Note: once a 4-bit model ran
@@ -24,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from rpo_pipeline.base_model import lora_target_modules
-from rpo_pipeline.batching import collate, length_bucketed_batches
+from rpo_pipeline.scoring import response_states, scoring_batches, shared_prefix_collate
 
 HEAD_FILE, CONFIG_FILE = "reward_head.safetensors", "reward_model.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,14 +114,16 @@ class RewardModel(torch.nn.Module):
                           bias="none")
         return cls(get_peft_model(backbone, lora), config)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, **_: Any) -> torch.Tensor:
-        """Rewards of a left-padded batch, shape (B,)."""
-        hidden = self.config.head_input == "hidden"
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids, output_hidden_states=hidden,
-                            use_cache=False, logits_to_keep=1)
-        feats = out.hidden_states[-1][:, -1] if hidden else out.logits[:, -1]
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rewards of a ``shared_prefix_collate`` batch, shape (N,)."""
+        before, states = response_states(self.backbone.get_decoder(), batch)
+        last = batch["response_attention_mask"].sum(-1) - 1
+        rows = torch.arange(states.shape[0], device=states.device)
+        # the last token's state; the prompt's last state when a row has no response token
+        feats = torch.where((last >= 0).unsqueeze(-1), states[rows, last.clamp(min=0)],
+                            before[:, 0])
+        if self.config.head_input == "logits":
+            feats = self.backbone.get_output_embeddings()(feats)
         return self.head(feats.float()).squeeze(-1)
 
     def save_pretrained(self, path: str, **_: Any) -> None:
@@ -142,33 +146,46 @@ class RewardModel(torch.nn.Module):
         return cls(backbone, config, head.to(backbone.device)).eval()
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences, leaving each at least one
+    token of its own (the token whose state the head reads)."""
+    n = min(len(a), len(b)) - 1
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def pair_collate(pad_id: int):
-    """Items (chosen_ids, rejected_ids[, margin]) -> one left-padded batch, chosen rows first."""
+    """Items (chosen_ids, rejected_ids[, margin]) -> one batch, chosen rows first; each pair runs
+    its common prefix (the prompt, at least) once."""
     def fn(items: list[tuple]) -> dict[str, torch.Tensor]:
         seqs = [i[0] for i in items] + [i[1] for i in items]
-        batch = collate(seqs, [0] * len(seqs), pad_id, padding_side="left")
+        starts = [common_prefix(i[0], i[1]) for i in items]
+        batch = shared_prefix_collate(seqs, starts + starts, pad_id)
         batch["margin"] = torch.tensor([float(i[2]) if len(i) > 2 else 0.0 for i in items])
         return batch
     return fn
 
 
 @torch.inference_mode()
-def score(model: RewardModel, sequences: Sequence[Sequence[int]], pad_id: int,
-          batch_size: int = 64) -> list[float]:
-    """Rewards of token sequences, in input order (length-sorted batches).
+def score(model: RewardModel, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
+          pad_id: int, batch_size: int = 64) -> list[float]:
+    """Rewards of token sequences (prompt + response, the response from ``response_starts``), in
+    input order; the responses of one prompt share a batch and run the prompt once.
 
     In a process group each rank scores every N-th batch (0.0 elsewhere; see
     ``reference.score_responses``).
     """
-    from rpo_pipeline.training import world
+    from rpo_pipeline.training import to_device, world
 
     model.eval()
     rank, size = world()
     out = [0.0] * len(sequences)
-    batches = length_bucketed_batches([len(s) for s in sequences], batch_size, 0, shuffle=False)
-    for idx in batches[rank::size]:
-        b = collate([sequences[i] for i in idx], [0] * len(idx), pad_id, padding_side="left")
-        rewards = model(**{k: v.to(model.head.weight.device) for k, v in b.items()})
+    for idx in scoring_batches(sequences, response_starts, batch_size)[rank::size]:
+        b = shared_prefix_collate([sequences[i] for i in idx], [response_starts[i] for i in idx],
+                                  pad_id)
+        rewards = model(to_device(b, model.head.weight.device))
         for i, r in zip(idx, rewards.tolist(), strict=True):
             out[i] = r
     return out

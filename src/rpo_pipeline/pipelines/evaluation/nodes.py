@@ -103,7 +103,8 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
 
     seqs = [list(p) + c for p, c in zip(table["prompt_ids"], comp, strict=True)]
     table["rm"] = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
-        "sequences": seqs, "pad_id": pad, "batch_size": p.batch_size}), p.num_processes, p.backend,
+        "sequences": seqs, "response_starts": table["prompt_ids"].map(len).tolist(), "pad_id": pad,
+        "batch_size": p.batch_size}), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
 
     table["ref_logp"] = table["logp"]

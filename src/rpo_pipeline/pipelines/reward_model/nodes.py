@@ -123,8 +123,8 @@ def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer:
         return CacheHit(fp), scalars({"score_cache_hit": 1, "score_seconds": seconds})
     p = RewardModelParams.parse(params)
     job = InferenceJob("rewards", str(reward_model.path), p.device, {
-        "sequences": rows["input_ids"].tolist(), "pad_id": tokenizer.load().pad_token_id,
-        "batch_size": p.score.batch_size})
+        "sequences": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
+        "pad_id": tokenizer.load().pad_token_id, "batch_size": p.score.batch_size})
     rewards = infer(job, p.score.num_processes, p.score.backend,
                     lambda: reward_model.load(device=p.device))
     table = rows[["group_id", "response_index", "split"]].assign(reward=rewards)
