@@ -27,6 +27,9 @@ def base_params(group: str, overrides: dict[str, Any] | None = None) -> dict[str
 
     conf = OmegaConf.load(ROOT / "conf" / "base" / f"parameters_{group}.yml")
     params = copy.deepcopy(OmegaConf.to_container(conf)[group])
+    for block in (params.get("train"), params.get("sft")):
+        if isinstance(block, dict) and "precision" in block:
+            block["precision"] = "fp32"  # exactness checks assume fp32 (auto: test_precision.py)
     for key, value in (overrides or {}).items():
         *parents, leaf = key.split(".")
         node = params
@@ -38,7 +41,7 @@ def base_params(group: str, overrides: dict[str, Any] | None = None) -> dict[str
 
 def train_config(**overrides: Any):
     """A ``TrainConfig`` for unit tests: conf/base's ``reward_model.train`` block (plain training:
-    no evaluation, checkpoints or bf16) on the CPU without a progress bar, plus ``overrides``."""
+    no evaluation, checkpoints or autocast) on the CPU without a progress bar, plus ``overrides``."""
     from rpo_pipeline.training import TrainConfig
 
     return TrainConfig(**{**base_params("reward_model")["train"], "device": "cpu", "progress": False,

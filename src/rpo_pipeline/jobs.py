@@ -200,7 +200,8 @@ def _fit_worker(kind: str, workdir: str) -> None:
         model.save_pretrained(str(Path(workdir) / MODEL_DIR))
         (Path(workdir) / RESULT_FILE).write_text(json.dumps({
             "history": result.history, "log_steps": result.log_steps, "seconds": result.seconds,
-            "items_per_second": result.items_per_second, "metrics": metrics}))
+            "items_per_second": result.items_per_second, "precision": result.precision,
+            "metrics": metrics}))
 
 
 def fit_in_workers(kind: str, job: Any, num_processes: int, backend: str, device: str,
@@ -221,7 +222,7 @@ def fit_in_workers(kind: str, job: Any, num_processes: int, backend: str, device
         out = json.loads((Path(tmp) / RESULT_FILE).read_text())
         model = load(str(Path(tmp) / MODEL_DIR))
     result = TrainResult(history=out["history"], log_steps=out["log_steps"], seconds=out["seconds"],
-                         items_per_second=out["items_per_second"])
+                         items_per_second=out["items_per_second"], precision=out["precision"])
     return model, result, out["metrics"]
 
 

@@ -82,6 +82,9 @@ class Schema(BaseModel):
 
 
 # ---- shared blocks ------------------------------------------------------------------------------
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see precision.py
+
+
 class TrainParams(Schema):
     """A ``train`` block: AdamW with warmup + schedule, clipping, accumulation (``training.train``)."""
 
@@ -96,7 +99,7 @@ class TrainParams(Schema):
     seed: int
     log_every: PosInt
     progress: bool
-    bf16: bool  # bfloat16 autocast where the device has it (CUDA with bf16); ignored elsewhere
+    precision: Literal[PRECISIONS]  # auto: bf16 autocast where it is faster, else fp32 (precision.py)
     num_processes: PosInt  # data-parallel workers (1: in the node's process)
     strategy: Literal["ddp", "fsdp"]  # how the workers share the model (accelerate)
     backend: Literal[BACKENDS]  # torch.distributed backend; auto: nccl on CUDA, gloo otherwise

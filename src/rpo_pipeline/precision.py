@@ -22,7 +22,8 @@ import time
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from rpo_pipeline.params import PRECISIONS
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger(__name__)
 

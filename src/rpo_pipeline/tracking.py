@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 MetricsPayload = dict[str, list[dict[str, float | int]]]
+# a precision that ran (training.TrainResult.precision) as a number MLflow can chart
+PRECISION_BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
 
 
 def scalars(values: Mapping[str, float], step: int = 0) -> MetricsPayload:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rpo_pipeline.batching import iterate_batches, length_bucketed_batches
-from rpo_pipeline.params import BACKENDS, Device, NonNegInt, TrainParams
+from rpo_pipeline.params import BACKENDS, PRECISIONS, Device, NonNegInt, TrainParams
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -34,7 +34,7 @@ LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]
 class TrainConfig(TrainParams):
     """The loop's settings: a stage's ``train`` block (validated, see ``params``) and its device.
 
-    For direct use (benchmarks, tests) periodic evaluation, bf16 autocast, checkpoints and resume
+    For direct use (benchmarks, tests) periodic evaluation, autocast (fp32), checkpoints and resume
     are off and the process layout is one process unless set (stages set them all from conf/base);
     the other fields have no default. ``train`` reads the number of processes from the process
     group it runs in; ``num_processes`` is how many workers the caller starts (``jobs.fit``).
@@ -42,7 +42,7 @@ class TrainConfig(TrainParams):
 
     device: Device  # auto | cpu | cuda | cuda:N
     eval_every: NonNegInt = 0  # run eval_fn every N steps (and at the end); 0: only at the end
-    bf16: bool = False  # bfloat16 autocast, where the device supports it (CUDA with bf16)
+    precision: Literal[PRECISIONS] = "fp32"  # auto | fp32 | bf16 | fp16 (precision.py)
     num_processes: Annotated[int, Field(ge=1)] = 1
     strategy: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal[BACKENDS] = "auto"
@@ -57,6 +57,7 @@ class TrainResult:
     log_steps: list[int] = field(default_factory=list)
     seconds: float = 0.0
     items_per_second: float = 0.0
+    precision: str = "fp32"  # what ran: fp32, or bf16 / fp16 autocast
 
 
 def resolve_device(name: str) -> torch.device:
@@ -181,22 +182,26 @@ def load_checkpoint(accelerator, model: torch.nn.Module, last: Path, result: Tra
 
 def make_accelerator(cfg: TrainConfig):
     """An ``accelerate.Accelerator`` for ``cfg``: device, gradient accumulation, mixed precision
-    (bf16 only where the device has it), and DDP or FSDP when the process group has >1 rank.
+    (``precision.resolve_precision``: bf16 / fp16 autocast only where chosen), and DDP or FSDP
+    when the process group has >1 rank.
 
     The scheduler steps once per optimizer step (``step_scheduler_with_optimizer=False``): ``steps``
-    counts optimizer steps whatever the number of processes, each over ``num_processes`` batches.
+    counts optimizer steps whatever the number of processes.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
 
+    from rpo_pipeline.precision import resolve_precision
+
     device = resolve_device(cfg.device)
-    bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = resolve_precision(cfg.precision, device)
     _, size = world()
     if size > 1 and cfg.strategy == "fsdp" and device.type == "cpu":
         # accelerate shards with FSDP only on accelerators; on CPU it would quietly run DDP
         raise ValueError("train.strategy = 'fsdp' needs GPUs (or another accelerator): on the "
                          "CPU accelerate would silently fall back to DDP; use strategy: ddp")
     fsdp = FullyShardedDataParallelPlugin() if size > 1 and cfg.strategy == "fsdp" else None
-    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
+    return Accelerator(cpu=device.type == "cpu",
+                       mixed_precision="no" if precision == "fp32" else precision,
                        gradient_accumulation_steps=cfg.grad_accum,
                        step_scheduler_with_optimizer=False, fsdp_plugin=fsdp,
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -227,7 +232,8 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    result, start = TrainResult(), 0
+    ran = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    result, start = TrainResult(precision=ran), 0
     last = Path(cfg.checkpoint_dir) / "last" if cfg.checkpoint_dir else None
     if cfg.resume and last is not None and (last / CHECKPOINT_STATE).exists():
         start = load_checkpoint(accelerator, accelerator.unwrap_model(wrapped), last, result)

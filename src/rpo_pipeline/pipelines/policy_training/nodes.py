@@ -19,7 +19,7 @@ from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.jobs import PolicyJob, Split, fit
 from rpo_pipeline.params import DpoParams, PolicyParams, RpoParams
 from rpo_pipeline.policy import group_items, preference_items, reward_targets
-from rpo_pipeline.tracking import MetricsPayload, histories, scalars
+from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories, scalars
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def _run(sft_model: PretrainedHandle, job: PolicyJob, p: PolicyParams) -> tuple[
              eval_part.get("eval_rewards/accuracies", [float("nan")])[-1])
     metrics = histories(train_part, result.log_steps) | histories(eval_part, eval_steps)
     model.training_history = metrics  # saved with the policy for the evaluation plots
-    return model, metrics | scalars({"world_size": t.num_processes})
+    return model, metrics | scalars({"world_size": t.num_processes,
+                                     "precision_bits": PRECISION_BITS[result.precision]})
 
 
 def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,

@@ -14,12 +14,13 @@ from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
 from rpo_pipeline.jobs import InferenceJob, SftJob, Split, fit, infer
 from rpo_pipeline.params import DataProcessingParams, ReferenceParams
+from rpo_pipeline.precision import resolve_precision
 from rpo_pipeline.reference import (
     LOGPROB_VERSION,
     reference_table,
     select_examples,
 )
-from rpo_pipeline.tracking import MetricsPayload, histories, scalars
+from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories, scalars
 from rpo_pipeline.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     device = resolve_device(p.device)
     train_rows = select_examples(tokenized, pairs, ["train"], sft.responses)
     fp = fingerprint("sft", SFT_VERSION, Path(base_model.path), Path(tokenizer.path),
-                     train_rows[_KEYED], result_params(sft.model_dump()), device.type)
+                     train_rows[_KEYED], result_params(sft.model_dump()), device.type,
+                     resolve_precision(sft.precision, device))
     if fp == stored_fingerprint:
         seconds = time.perf_counter() - t0
         log.info("SFT cache hit (%s): reusing the stored model, %.3f s", fp[:12], seconds)
@@ -62,7 +64,8 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
         payload = histories({"sft_loss": result.history["loss"]}, result.log_steps)
         metrics |= {"sft_val_loss": val["val_loss"], "sft_train_loss": result.history["loss"][-1],
                     "sft_sequences_per_second": result.items_per_second,
-                    "sft_world_size": sft.num_processes}
+                    "sft_world_size": sft.num_processes,
+                    "sft_precision_bits": PRECISION_BITS[result.precision]}
         log.info("SFT: %d steps on %d process(es) in %.1f s (%.0f seq/s), train loss %.3f, val "
                  "loss %.3f", sft.steps, sft.num_processes, result.seconds, result.items_per_second,
                  result.history["loss"][-1], val["val_loss"])

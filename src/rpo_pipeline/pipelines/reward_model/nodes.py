@@ -14,13 +14,15 @@ from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
 from rpo_pipeline.jobs import InferenceJob, RewardModelJob, Split, fit, infer
 from rpo_pipeline.params import RewardModelParams
+from rpo_pipeline.precision import resolve_precision
 from rpo_pipeline.reward_model import (
     RewardModel,
     RewardModelConfig,
     load_backbone,
     weight_bytes,
 )
-from rpo_pipeline.tracking import MetricsPayload, histories, scalars
+from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories, scalars
+from rpo_pipeline.training import resolve_device
 
 log = logging.getLogger(__name__)
 RM_VERSION = 1
@@ -68,7 +70,8 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
     fp = fingerprint("reward_model", RM_VERSION, Path(backbone), Path(tokenizer.path),
                      pd.DataFrame({"c": [i[0] for i in items], "r": [i[1] for i in items],
                                    "m": [i[2] for i in items]}),
-                     result_params(p.model_dump(exclude={"score"})))
+                     result_params(p.model_dump(exclude={"score"})),
+                     resolve_precision(p.train.precision, resolve_device(p.device)))
     if fp == stored_fingerprint:
         seconds = time.perf_counter() - t0
         log.info("reward model cache hit (%s): %.3f s", fp[:12], seconds)
@@ -89,7 +92,8 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
                             lambda: RewardModel.for_training(config, seed=t.seed, device=p.device),
                             RewardModel.from_pretrained)
     metrics: dict[str, float] = {"cache_hit": 0, "pairs_per_second": result.items_per_second,
-                                 **ev, "world_size": t.num_processes}
+                                 **ev, "world_size": t.num_processes,
+                                 "precision_bits": PRECISION_BITS[result.precision]}
     head = weight_bytes(model.head)
     metrics["weight_bytes"] = load_backbone(backbone, config.load_in_4bit,
                                             config.compute_dtype).get_memory_footprint() + head
