@@ -13,6 +13,7 @@ removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -249,6 +250,20 @@ class InferenceJob:
     model_path: str
     device: str
     args: dict[str, Any]
+    precision: str = "fp32"  # params.PRECISIONS: bf16 / fp16 run the forward passes in autocast
+
+
+def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``precision`` resolved on ``device`` (``precision.resolve_precision``),
+    or nothing for fp32."""
+    from rpo_pipeline.precision import AUTOCAST_DTYPES, resolve_precision
+    from rpo_pipeline.training import resolve_device
+
+    dev = resolve_device(device)
+    chosen = resolve_precision(precision, dev)
+    if chosen == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[chosen])
 
 
 def run_inference(job: InferenceJob, model: torch.nn.Module | None = None) -> Any:
@@ -257,18 +272,21 @@ def run_inference(job: InferenceJob, model: torch.nn.Module | None = None) -> An
     from rpo_pipeline.reference import score_responses
     from rpo_pipeline.reward_model import RewardModel, score
 
+    if job.kind not in ("rewards", "logprobs", "sequence_logprobs", "generate"):
+        raise ValueError(f"unknown inference job {job.kind!r}")
     if job.kind == "rewards":
         model = model if model is not None else RewardModel.from_pretrained(job.model_path,
                                                                             device=job.device)
-        return score(model, **job.args)
-    model = model if model is not None else _load_lm(job.model_path)
-    if job.kind == "logprobs":
-        return score_responses(model, device=job.device, **job.args)
-    if job.kind == "sequence_logprobs":
-        return sequence_logprobs(model, device=job.device, **job.args)
-    if job.kind == "generate":
+    else:
+        model = model if model is not None else _load_lm(job.model_path)
+    with autocast(job.precision, job.device):
+        if job.kind == "rewards":
+            return score(model, **job.args)
+        if job.kind == "logprobs":
+            return score_responses(model, device=job.device, **job.args)
+        if job.kind == "sequence_logprobs":
+            return sequence_logprobs(model, device=job.device, **job.args)
         return generate(model, device=job.device, **job.args)
-    raise ValueError(f"unknown inference job {job.kind!r}")
 
 
 def merge_shards(parts: list[Any]) -> Any:

@@ -160,6 +160,7 @@ class InferenceParams(Schema):
     batch_size: PosInt
     num_processes: PosInt
     backend: Literal[BACKENDS]
+    precision: Literal[PRECISIONS]  # as in TrainParams: autocast for the forward passes
 
 
 # ---- base_model ---------------------------------------------------------------------------------
@@ -360,6 +361,7 @@ class EvaluationParams(Schema):
     progress: bool
     num_processes: PosInt  # sampling and scoring sharded by batch (samples do not depend on it)
     backend: Literal[BACKENDS]
+    precision: Literal[PRECISIONS]  # sampling and scoring (the gold judge runs as it is)
 
     @model_validator(mode="after")
     def _judge_model_matches_judge(self) -> EvaluationParams:

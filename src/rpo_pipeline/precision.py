@@ -25,6 +25,10 @@ import torch
 from rpo_pipeline.params import PRECISIONS
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# auto takes bf16 on a CPU only when its matmul is this much faster than fp32: a near tie is not
+# worth the lost precision, and a margin keeps a noisy measurement from flipping the choice (and
+# so the metrics) between two runs on the same machine
+BF16_MARGIN = 1.5
 log = logging.getLogger(__name__)
 
 
@@ -33,7 +37,8 @@ def choose_precision(requested: str, device_type: str, *, cuda_bf16: bool = Fals
     """The precision to run: ``fp32``, ``bf16`` or ``fp16``.
 
     ``auto``: CUDA -> bf16 if ``cuda_bf16`` else fp32; CPU -> bf16 if its measured bf16 matmul
-    (``cpu_gflops["bf16"]``) is faster than fp32, else fp32; other devices -> fp32. An explicit
+    (``cpu_gflops["bf16"]``) is more than ``BF16_MARGIN`` times as fast as fp32, else fp32; other
+    devices -> fp32. An explicit
     choice is kept where the device can run it, and refused (ValueError naming the setting) where
     it cannot: fp16 autocast needs CUDA, and bf16 on a CUDA device without bf16.
     """
@@ -42,7 +47,8 @@ def choose_precision(requested: str, device_type: str, *, cuda_bf16: bool = Fals
     if requested == "auto":
         if device_type == "cuda":
             return "bf16" if cuda_bf16 else "fp32"
-        if device_type == "cpu" and cpu_gflops and cpu_gflops["bf16"] > cpu_gflops["fp32"]:
+        if device_type == "cpu" and cpu_gflops and (
+                cpu_gflops["bf16"] > BF16_MARGIN * cpu_gflops["fp32"]):
             return "bf16"
         return "fp32"
     if requested == "fp16" and device_type != "cuda":

@@ -46,9 +46,9 @@ def score_responses(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
     """Summed response log-prob and response token count of every sequence, in input order.
 
     Rows that share a prompt go in one batch and the prompt runs once (``scoring``); float32 on
-    the given device. In a process group each rank computes every N-th batch (zeros elsewhere):
-    the batches, and so the values, are those of one process, and summing the ranks' arrays gives
-    its table exactly.
+    the given device, or in the caller's autocast (``jobs.run_inference``). In a process group each
+    rank computes every N-th batch (zeros elsewhere): the batches, and so the values, are those of
+    one process, and summing the ranks' arrays gives its table exactly.
     """
     dev = local_device(device)
     scorer = ResponseLogprobs(model.to(dev)).eval()
@@ -60,7 +60,7 @@ def score_responses(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
         batch = shared_prefix_collate([input_ids[i] for i in idx],
                                       [response_starts[i] for i in idx], pad_id)
         s, n = scorer(to_device(batch, dev))
-        logp[idx] = s.cpu().numpy()
+        logp[idx] = s.float().cpu().numpy()
         count[idx] = n.cpu().numpy()
     return logp, count
 

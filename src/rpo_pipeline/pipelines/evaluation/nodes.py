@@ -36,7 +36,8 @@ def _sequence_logprobs(model: PretrainedHandle, prompts: list[list[int]],
                        completions: list[list[int]], pad: int, p: EvaluationParams) -> np.ndarray:
     """``evaluation.sequence_logprobs``, sharded by batch over ``evaluation.num_processes``."""
     job = InferenceJob("sequence_logprobs", str(model.path), p.device, {
-        "prompts": prompts, "completions": completions, "pad_id": pad, "batch_size": p.batch_size})
+        "prompts": prompts, "completions": completions, "pad_id": pad, "batch_size": p.batch_size},
+        precision=p.precision)
     return infer(job, p.num_processes, p.backend, model.load)
 
 
@@ -60,7 +61,7 @@ def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle, tokenize
         job = InferenceJob("generate", str(model.path), p.device, {
             "prompts": ids, "cfg": cfg, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
             "greedy": greedy, "progress": p.progress,
-            "desc": f"{'greedy' if greedy else 'sample'} {name}"})
+            "desc": f"{'greedy' if greedy else 'sample'} {name}"}, precision=p.precision)
         return infer(job, p.num_processes, p.backend, lambda: lm)
 
     sampled, s_logp = run(greedy=False)
@@ -104,7 +105,7 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
     seqs = [list(p) + c for p, c in zip(table["prompt_ids"], comp, strict=True)]
     table["rm"] = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
         "sequences": seqs, "response_starts": table["prompt_ids"].map(len).tolist(), "pad_id": pad,
-        "batch_size": p.batch_size}), p.num_processes, p.backend,
+        "batch_size": p.batch_size}, precision=p.precision), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
 
     table["ref_logp"] = table["logp"]

@@ -89,8 +89,10 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
     formatting = data.model_dump(include={"template", "use_chat_template", "max_prompt_length",
                                           "max_length"})
     device = resolve_device(p.device)
+    precision = resolve_precision(p.logprobs.precision, device)
     fp = fingerprint("reference_logprobs", LOGPROB_VERSION, sft_model.content_hash(),
-                     Path(tokenizer.path), formatting, rows[_KEYED], device.type, "float32")
+                     Path(tokenizer.path), formatting, rows[_KEYED], device.type,
+                     {"fp32": "float32"}.get(precision, precision))
     if fp == stored_fingerprint:
         seconds = time.perf_counter() - t0
         log.info("reference log-prob cache hit (%s): %.3f s", fp[:12], seconds)
@@ -99,7 +101,8 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
     t1 = time.perf_counter()
     job = InferenceJob("logprobs", str(sft_model.path), p.device, {
         "input_ids": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
-        "pad_id": tokenizer.load().pad_token_id, "batch_size": p.logprobs.batch_size})
+        "pad_id": tokenizer.load().pad_token_id, "batch_size": p.logprobs.batch_size},
+        precision=precision)
     logp, n = infer(job, p.logprobs.num_processes, p.logprobs.backend, sft_model.load)
     compute = time.perf_counter() - t1
     table = reference_table(rows, logp, n)
@@ -109,4 +112,5 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
     return Fingerprinted(table, fp), scalars({
         "cache_hit": 0, "cache_seconds": seconds, "cache_sequences": len(rows),
         "cache_sequences_per_second": len(rows) / compute,
-        "cache_world_size": p.logprobs.num_processes})
+        "cache_world_size": p.logprobs.num_processes,
+        "cache_precision_bits": PRECISION_BITS[precision]})

@@ -118,17 +118,19 @@ def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer:
                                       ) -> tuple[Fingerprinted | CacheHit, MetricsPayload]:
     """Reward of every train/val response (a fresh 4-bit copy, no grad), cached by fingerprint."""
     t0 = time.perf_counter()
+    p = RewardModelParams.parse(params)
     rows = tokenized[tokenized["split"].isin(["train", "val"])].reset_index(drop=True)
+    precision = resolve_precision(p.score.precision, resolve_device(p.device))
     fp = fingerprint("reward_scores", RM_VERSION, reward_model.content_hash(),
-                     rows[["group_id", "response_index", "input_ids"]])
+                     rows[["group_id", "response_index", "input_ids"]], precision)
     if fp == stored_fingerprint:
         seconds = time.perf_counter() - t0
         log.info("reward score cache hit (%s): %.3f s", fp[:12], seconds)
         return CacheHit(fp), scalars({"score_cache_hit": 1, "score_seconds": seconds})
-    p = RewardModelParams.parse(params)
     job = InferenceJob("rewards", str(reward_model.path), p.device, {
         "sequences": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
-        "pad_id": tokenizer.load().pad_token_id, "batch_size": p.score.batch_size})
+        "pad_id": tokenizer.load().pad_token_id, "batch_size": p.score.batch_size},
+        precision=precision)
     rewards = infer(job, p.score.num_processes, p.score.backend,
                     lambda: reward_model.load(device=p.device))
     table = rows[["group_id", "response_index", "split"]].assign(reward=rewards)
@@ -136,7 +138,8 @@ def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer:
     log.info("reward scores: %d responses in %.1f s", len(table), seconds)
     return Fingerprinted(table, fp), scalars({"score_cache_hit": 0, "score_seconds": seconds,
                                               "scores_per_second": len(table) / seconds,
-                                              "score_world_size": p.score.num_processes})
+                                              "score_world_size": p.score.num_processes,
+                                              "score_precision_bits": PRECISION_BITS[precision]})
 
 
 def reward_normalization(scores: pd.DataFrame) -> tuple[dict[str, float], MetricsPayload]:
