@@ -90,7 +90,8 @@ def test_cached_logprobs_equal_fresh_with_any_batching(data):
     pad = data["tok"].pad_token_id
     cached, n_cached = score_responses(model, ids, starts, pad, batch_size=16, progress=False)
     single, _ = score_responses(model, ids, starts, pad, batch_size=1, progress=False)
-    np.testing.assert_allclose(cached, single, rtol=0, atol=1e-5)
+    # float32 per token: batch shapes change the kernels' rounding (~1e-7 of a ~150-nat sum)
+    np.testing.assert_allclose(cached, single, rtol=1e-6, atol=1e-5)
     for i in range(40):
         manual, n = _manual_logp(model, list(ids[i]), starts[i])
         assert abs(cached[i] - manual) < 1e-4 and n_cached[i] == n
