@@ -193,6 +193,10 @@ def trl(path: Path, tok, ds, steps: int, batch: int, setting: dict[str, Any]) ->
         clock = StepClock()
         trainer = DPOTrainer(model=str(path), args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[clock])
+        if setting.get("padding_free") and not trainer.padding_free:
+            # TRL 1.16 logs a warning and trains with padding: that would be the previous row again
+            raise NotImplementedError("TRL turned padding_free off (it falls back to standard "
+                                      "padding in this version)")
         trainer.train()
     return steps * batch / (clock.end - clock.start)
 
