@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from rpo_pipeline.batching import collate
 from rpo_pipeline.scoring import (
     ResponseLogprobs,
     response_logprobs,
@@ -65,15 +66,21 @@ def _pair_order(seqs, k):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("k,order", [(2, "pairs"), (4, "groups")])
-def test_shared_prefix_equals_plain_forward_in_value_and_every_gradient(arch, k, order):
+@pytest.mark.parametrize("layout", ["shared", "rows"])
+def test_sliced_logits_equal_plain_forward_in_value_and_every_gradient(arch, k, order, layout):
+    """``shared``: each prompt once (KV cache); ``rows``: whole rows. Both: LM head at scored
+    positions only. Reference: full logits at every position."""
     lm = _models()[arch]
     seqs, starts = _groups(1, 5, k)
     if order == "pairs":
         seqs, starts = _pair_order(seqs, k), _pair_order(starts, k)
     seqs.append([7, 8, 9, 10])  # a row that shares its prompt with no other row
     starts.append(3)
-    batch = shared_prefix_collate(seqs, starts, PAD)
-    assert batch["prompt_ids"].shape[0] == 6  # 5 shared prompts + 1
+    if layout == "shared":
+        batch = shared_prefix_collate(seqs, starts, PAD)
+        assert batch["prompt_ids"].shape[0] == 6  # 5 shared prompts + 1
+    else:
+        batch = collate(seqs, starts, PAD)
     w = torch.linspace(-1, 1, len(seqs), dtype=torch.float64)
 
     lm.zero_grad()
@@ -99,15 +106,14 @@ def test_collate_keeps_row_order_and_stores_each_prompt_once():
     assert b["prompt_ids"].tolist() == [[5, 6], [4, 6]]
     assert b["response_ids"].tolist() == [[7, PAD], [8, 9], [7, PAD]]
     assert b["response_attention_mask"].tolist() == [[1, 0], [1, 1], [1, 0]]
-    unshared = shared_prefix_collate([[5, 6, 7], [5, 6, 8, 9], [4, 6, 7]], [2, 2, 2], PAD, share=False)
-    assert unshared["prompt_index"].tolist() == [0, 1, 2]
-    assert unshared["prompt_ids"].tolist() == [[5, 6], [5, 6], [4, 6]]
     left = shared_prefix_collate([[1, 2, 3, 4], [9, 5]], [3, 1], PAD)
     assert left["prompt_ids"].tolist() == [[1, 2, 3], [PAD, PAD, 9]]  # left-padded
     assert left["prompt_attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     lm = _models()["gpt2"]
-    logp, n = response_logprobs(lm, shared_prefix_collate([[1, 2], [1, 2, 3]], [2, 2], PAD))
-    assert n.tolist() == [0, 1] and logp[0] == 0 and logp[1] < 0  # no response token: 0
+    for batch in (shared_prefix_collate([[1, 2], [1, 2, 3]], [2, 2], PAD),
+                  collate([[1, 2], [1, 2, 3]], [2, 2], PAD)):
+        logp, n = response_logprobs(lm, batch)
+        assert n.tolist() == [0, 1] and logp[0] == 0 and logp[1] < 0  # no response token: 0
 
 
 def test_chunked_target_logprobs_equal_unchunked_with_gradients():

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from rpo_pipeline.batching import collate
 from rpo_pipeline.scoring import shared_prefix_collate
 
 KEY = ["group_id", "response_index"]
@@ -49,11 +50,12 @@ def preference_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd
 
 
 def policy_collate(pad_id: int, share_prefix: bool = True):
-    """Items of ``preference_items`` -> one batch (each prompt once): chosen rows, then rejected."""
+    """Items of ``preference_items`` -> one batch (each prompt once): chosen rows, then rejected.
+    ``share_prefix=False``: one whole row per sequence instead (the unshared computation)."""
     def fn(items: Sequence[tuple]) -> dict[str, torch.Tensor]:
         seqs = [i[0] for i in items] + [i[2] for i in items]
         starts = [i[1] for i in items] + [i[3] for i in items]
-        batch = shared_prefix_collate(seqs, starts, pad_id, share_prefix)
+        batch = (shared_prefix_collate if share_prefix else collate)(seqs, starts, pad_id)
         batch["ref_logps"] = torch.tensor([i[4] for i in items] + [i[5] for i in items],
                                           dtype=torch.float64)
         return batch
@@ -119,11 +121,12 @@ def group_items(tokenized: pd.DataFrame, reference: pd.DataFrame, targets: pd.Da
 
 
 def group_collate(pad_id: int, share_prefix: bool = True):
-    """Group items -> one batch of B·K rows (each prompt once), group-major, ``group_size`` = K."""
+    """Group items -> one batch of B·K rows (each prompt once), group-major, ``group_size`` = K.
+    ``share_prefix=False``: one whole row per sequence instead (the unshared computation)."""
     def fn(items: Sequence[tuple]) -> dict[str, torch.Tensor]:
         seqs = [s for it in items for s in it[0]]
         starts = [s for it in items for s in it[1]]
-        batch = shared_prefix_collate(seqs, starts, pad_id, share_prefix)
+        batch = (shared_prefix_collate if share_prefix else collate)(seqs, starts, pad_id)
         batch["ref_logps"] = torch.tensor([r for it in items for r in it[2]], dtype=torch.float64)
         batch["targets"] = torch.tensor([r for it in items for r in it[3]], dtype=torch.float64)
         batch["group_size"] = torch.tensor(len(items[0][0]))

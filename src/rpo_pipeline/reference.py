@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from rpo_pipeline.batching import collate
 from rpo_pipeline.scoring import ResponseLogprobs, scoring_batches, shared_prefix_collate
 from rpo_pipeline.training import local_device, to_device, world
 
@@ -33,9 +34,10 @@ def select_examples(tokenized: pd.DataFrame, pairs: pd.DataFrame, splits: Sequen
 
 
 def sft_collate(pad_id: int):
-    """Collate (input_ids, response_start) items (each distinct prompt once)."""
+    """Collate (input_ids, response_start) items, one whole row each: SFT items rarely share a
+    prompt within a batch, and a whole-row forward draws the dropout masks SFT has always drawn."""
     def fn(items: list[tuple[Sequence[int], int]]) -> dict[str, torch.Tensor]:
-        return shared_prefix_collate([i[0] for i in items], [i[1] for i in items], pad_id)
+        return collate([i[0] for i in items], [i[1] for i in items], pad_id)
     return fn
 
 

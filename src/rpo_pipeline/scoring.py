@@ -15,6 +15,10 @@ and every row's response (right-padded); ``prompt_index[n]`` is row n's prompt. 
 
     log π(y | x) = Σ_t [ h_t · W_{y_t} − logsumexp_v(h_t · W_v) ],  h_t the state before y_t.
 
+A ``batching.collate`` batch (one whole row per sequence) takes one plain forward instead, with
+the same response-only LM head (``row_states``): SFT, whose items have nothing to share and whose
+dropout masks must stay those of a plain forward, and the unshared benchmarks.
+
 This is the same quantity as one forward over the padded prompt + response rows (tested to 1e-5 in
 loss and every gradient, ``tests/test_scoring.py``), with the prompt tokens computed once per
 group instead of once per response (arXiv 2410.20305 packs the group into one sequence with a
@@ -38,7 +42,7 @@ CHUNK_ELEMENTS = 2**26
 
 
 def shared_prefix_collate(sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-                          pad_id: int, share: bool = True) -> dict[str, torch.Tensor]:
+                          pad_id: int) -> dict[str, torch.Tensor]:
     """Rows (prompt + response token ids, index of the first response token) -> a batch with each
     distinct prompt once.
 
@@ -46,8 +50,6 @@ def shared_prefix_collate(sequences: Sequence[Sequence[int]], response_starts: S
     ``response_attention_mask`` (N, R), right-padded; ``prompt_index`` (N,), row -> prompt. Rows
     keep their order. A row whose response starts at 0 gives its first token to the prompt (that
     token has no context, so it is never scored); a row with no response token scores 0.
-    ``share=False`` gives every row its own copy of its prompt (the unshared computation, for
-    benchmarks).
     """
     seen: dict[tuple[int, ...], int] = {}
     prompts: list[tuple[int, ...]] = []
@@ -55,10 +57,10 @@ def shared_prefix_collate(sequences: Sequence[Sequence[int]], response_starts: S
     for x, start in zip(sequences, response_starts, strict=True):
         start = max(int(start), 1)
         prompt = tuple(int(t) for t in x[:start])
-        if not share or prompt not in seen:
+        if prompt not in seen:
             seen[prompt] = len(prompts)
             prompts.append(prompt)
-        index.append(seen[prompt] if share else len(prompts) - 1)
+        index.append(seen[prompt])
         responses.append(x[start:])
     width_p = max(len(p) for p in prompts)
     width_r = max(1, max(len(r) for r in responses))
@@ -131,20 +133,42 @@ def response_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor]
     return before, h
 
 
+def row_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a ``batching.collate`` batch (one padded row per sequence, prompt included): the final
+    hidden state before each scored response token (T, H), those tokens (T,) and their rows (T,).
+    One forward over whole rows: the layout for items with nothing to share (SFT), and the one
+    whose dropout masks are those of a plain forward."""
+    ids = batch["input_ids"]
+    h = decoder(input_ids=ids, attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    scored = batch["response_mask"][:, 1:]  # token t+1 is predicted from state t
+    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(-1).expand_as(scored)
+    return h[:, :-1][scored], ids[:, 1:][scored], rows[scored]
+
+
 def response_logprobs(lm: torch.nn.Module, batch: dict[str, torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log π(response | prompt) per row (float64; token terms in float32) and the
-    response token counts, for a ``shared_prefix_collate`` batch."""
+    response token counts, for a ``shared_prefix_collate`` batch (each prompt once) or a
+    ``batching.collate`` batch (whole rows); the LM head runs only on scored positions."""
     if getattr(lm.config, "final_logit_softcapping", None):
         raise ValueError(f"{type(lm).__name__} caps its logits (final_logit_softcapping), which "
                          "log-probs from the LM head alone would miss")
-    before, _ = response_states(lm.get_decoder(), batch)
-    mask = batch["response_attention_mask"].bool()
-    token_lp = target_logprobs(lm.get_output_embeddings(), before[mask],
-                               batch["response_ids"][mask])
-    rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(-1).expand_as(mask)[mask]
-    total = torch.zeros(mask.shape[0], dtype=torch.float64, device=token_lp.device)
-    return total.index_add(0, rows, token_lp.double()), mask.sum(-1)
+    if "input_ids" in batch:
+        states, targets, rows = row_states(lm.get_decoder(), batch)
+        n_rows = batch["input_ids"].shape[0]
+    else:
+        before, _ = response_states(lm.get_decoder(), batch)
+        mask = batch["response_attention_mask"].bool()
+        states, targets = before[mask], batch["response_ids"][mask]
+        rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(-1).expand_as(mask)[mask]
+        n_rows = mask.shape[0]
+    token_lp = target_logprobs(lm.get_output_embeddings(), states, targets)
+    total = torch.zeros(n_rows, dtype=torch.float64, device=token_lp.device)
+    counts = torch.zeros(n_rows, dtype=torch.long, device=token_lp.device)
+    return (total.index_add(0, rows, token_lp.double()),
+            counts.index_add(0, rows, torch.ones_like(rows)))
 
 
 class ResponseLogprobs(torch.nn.Module):
