@@ -139,9 +139,11 @@ def test_logit_softcapping_models_are_refused():
 
 
 @pytest.mark.parametrize("head_input", ["hidden", "logits"])
-def test_reward_model_on_shared_prefixes_equals_one_forward_per_sequence(tmp_path, head_input):
-    """Rewards (and gradients) of pairs split at their common prefix equal the last-token reward
-    of one plain forward per sequence (full-precision backbone, so exact to float rounding)."""
+@pytest.mark.parametrize("share", [True, False])
+def test_reward_model_batches_equal_one_forward_per_sequence(tmp_path, head_input, share):
+    """Rewards (and gradients) of pairs split at their common prefix (``share``), or of whole
+    left-padded rows, equal the last-token reward of one plain forward per sequence
+    (full-precision backbone, so exact to float rounding)."""
     from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, common_prefix, pair_collate
 
     _models()["gpt2"].save_pretrained(tmp_path / "lm")
@@ -162,7 +164,7 @@ def test_reward_model_on_shared_prefixes_equals_one_forward_per_sequence(tmp_pat
     ref.square().sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
     rm.zero_grad()
-    got = rm(pair_collate(PAD)(items))
+    got = rm(pair_collate(PAD, share_prefix=share)(items))
     got.square().sum().backward()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert len(ref_grads) > 4  # LoRA and head
