@@ -10,9 +10,9 @@ Three ways to compute the summed response log-probs of a DPO batch (16 pairs = 3
 the default train data, the same batches for all three), each timed as forward + backward of the
 DPO loss (training) and as a no-grad forward (the reference cache, reward and evaluation scoring):
 
-- ``before``: the computation before issue 13 (``batching.response_logprobs`` at e1544b4): one
-  padded row per sequence, logits over the whole vocabulary at every position, cross-entropy
-  against the next token, masked to the response;
+- ``before``: the computation before issue 13 (``batching.response_logprobs`` at e1544b4, kept as
+  ``ResponseLogprobs(full_logits=True)`` on whole rows): one padded row per sequence, logits over
+  the whole vocabulary at every position, cross-entropy against the next token, masked;
 - ``sliced``: LM head only at the positions that predict a response token (``scoring``), every
   sequence still carrying its own copy of the prompt (``share=False``);
 - ``shared``: that, and each distinct prompt run once (the shipped path).
@@ -38,7 +38,6 @@ from bench_dpo_vs_trl import DATA, SFT, TOK, machine, model_dir, params_of
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rpo_pipeline.batching import collate
 from rpo_pipeline.jobs import disable_dropout
 from rpo_pipeline.losses import preference_loss
 from rpo_pipeline.policy import policy_collate, preference_items
@@ -51,38 +50,11 @@ OUT = ROOT / "benchmarks/results/profile_scoring"
 VARIANTS = ("before", "sliced", "shared")
 
 
-class FullLogits(torch.nn.Module):
-    """The computation before issue 13: full-vocabulary logits at every position of every row."""
-
-    def __init__(self, lm: torch.nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"], use_cache=False)
-        logp = -torch.nn.functional.cross_entropy(
-            out.logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-        mask = batch["response_mask"][:, 1:]
-        return logp.masked_fill(~mask, 0.0).double().sum(-1), mask.sum(-1)
-
-
-def full_collate(pad: int):
-    def fn(items):
-        seqs = [i[0] for i in items] + [i[2] for i in items]
-        starts = [i[1] for i in items] + [i[3] for i in items]
-        batch = collate(seqs, starts, pad)
-        batch["ref_logps"] = torch.tensor([i[4] for i in items] + [i[5] for i in items],
-                                          dtype=torch.float64)
-        return batch
-    return fn
-
-
 def batches_for(items, lengths, pad: int, batch: int, n: int) -> dict[str, list[dict]]:
     it = iterate_batches(len(items), lengths, batch, 0)
     chosen = [[items[i] for i in next(it)[1]] for _ in range(n)]
-    collates = {"before": full_collate(pad), "sliced": policy_collate(pad, share_prefix=False),
-                "shared": policy_collate(pad, share_prefix=True)}
+    rows = policy_collate(pad, share_prefix=False)
+    collates = {"before": rows, "sliced": rows, "shared": policy_collate(pad, share_prefix=True)}
     return {v: [collates[v](b) for b in chosen] for v in VARIANTS}
 
 
@@ -121,7 +93,8 @@ def run_model(name: str, tmp: Path, args) -> dict:
                               batch_size=64, device="cpu", progress=False)
     items, lengths = preference_items(tokenized, pairs, reference_table(rows, logp, n), "train")
     data = batches_for(items, lengths, pad, args.batch, args.batches)
-    models = {"before": FullLogits(lm), "sliced": ResponseLogprobs(lm), "shared": ResponseLogprobs(lm)}
+    models = {"before": ResponseLogprobs(lm, full_logits=True), "sliced": ResponseLogprobs(lm),
+              "shared": ResponseLogprobs(lm)}
     loss_fn = preference_loss("sigmoid", 0.1)
     for v in VARIANTS:  # warm-up
         step(models[v], data[v][:1], loss_fn, True)

@@ -66,7 +66,7 @@ def _pair_order(seqs, k):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("k,order", [(2, "pairs"), (4, "groups")])
-@pytest.mark.parametrize("layout", ["shared", "rows"])
+@pytest.mark.parametrize("layout", ["shared", "rows", "rows_full_logits"])
 def test_sliced_logits_equal_plain_forward_in_value_and_every_gradient(arch, k, order, layout):
     """``shared``: each prompt once (KV cache); ``rows``: whole rows. Both: LM head at scored
     positions only. Reference: full logits at every position."""
@@ -89,7 +89,7 @@ def test_sliced_logits_equal_plain_forward_in_value_and_every_gradient(arch, k, 
     ref_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
 
     lm.zero_grad()
-    got, got_n = ResponseLogprobs(lm)(batch)
+    got, got_n = ResponseLogprobs(lm, full_logits=layout == "rows_full_logits")(batch)
     (F.logsigmoid(w * got / 10).sum()).backward()
 
     assert torch.equal(got_n, ref_n)

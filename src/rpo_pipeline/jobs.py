@@ -178,7 +178,8 @@ def fit_sft(job: SftJob, model: torch.nn.Module | None = None
     cfg = _config(p.sft.model_dump(exclude={"responses"}), p.device)
     model = model if model is not None else _load_lm(job.model_path)
     collate = sft_collate(job.pad_id)
-    scorer = ResponseLogprobs(model)
+    # whole rows, full logits: SFT weights bit-identical to before issue 13 (see ``scoring``)
+    scorer = ResponseLogprobs(model, full_logits=True)
     result = train(scorer, job.train.items, job.train.lengths, collate, sft_nll, cfg, desc="sft")
     val = evaluate(scorer, job.val.items, job.val.lengths, collate, sft_nll,
                    batch_size=2 * cfg.batch_size, device=p.device)

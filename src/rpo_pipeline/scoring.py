@@ -16,8 +16,12 @@ and every row's response (right-padded); ``prompt_index[n]`` is row n's prompt. 
     log π(y | x) = Σ_t [ h_t · W_{y_t} − logsumexp_v(h_t · W_v) ],  h_t the state before y_t.
 
 A ``batching.collate`` batch (one whole row per sequence) takes one plain forward instead, with
-the same response-only LM head (``row_states``): SFT, whose items have nothing to share and whose
-dropout masks must stay those of a plain forward, and the unshared benchmarks.
+the same response-only LM head (``row_states``), or with ``full_logits`` the LM head at every
+position. SFT uses whole rows with full logits: its items have nothing to share, its dropout masks
+stay those of a plain forward, and its weights stay those of before to the last bit — which
+matters because the reward model quantizes them to NF4, where a last-bit change can move a weight
+to the next 4-bit level (measured: sliced SFT logits moved SFT losses by ~1e-6, and then the
+reward model's test accuracy by 0.004).
 
 This is the same quantity as one forward over the padded prompt + response rows (tested to 1e-5 in
 loss and every gradient, ``tests/test_scoring.py``), with the prompt tokens computed once per
@@ -147,14 +151,24 @@ def row_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor]
     return h[:, :-1][scored], ids[:, 1:][scored], rows[scored]
 
 
-def response_logprobs(lm: torch.nn.Module, batch: dict[str, torch.Tensor]
+def response_logprobs(lm: torch.nn.Module, batch: dict[str, torch.Tensor], full_logits: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log π(response | prompt) per row (float64; token terms in float32) and the
     response token counts, for a ``shared_prefix_collate`` batch (each prompt once) or a
-    ``batching.collate`` batch (whole rows); the LM head runs only on scored positions."""
+    ``batching.collate`` batch (whole rows). The LM head runs only on scored positions, except
+    with ``full_logits`` on whole rows: logits at every position, the computation before issue 13
+    to the last bit (SFT keeps it: see ``jobs.fit_sft``)."""
     if getattr(lm.config, "final_logit_softcapping", None):
         raise ValueError(f"{type(lm).__name__} caps its logits (final_logit_softcapping), which "
                          "log-probs from the LM head alone would miss")
+    if "input_ids" in batch and full_logits:
+        ids = batch["input_ids"]
+        logits = lm(input_ids=ids, attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], use_cache=False).logits
+        token_lp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
+                                    reduction="none")
+        scored = batch["response_mask"][:, 1:]
+        return token_lp.masked_fill(~scored, 0.0).double().sum(-1), scored.sum(-1)
     if "input_ids" in batch:
         states, targets, rows = row_states(lm.get_decoder(), batch)
         n_rows = batch["input_ids"].shape[0]
@@ -176,9 +190,10 @@ class ResponseLogprobs(torch.nn.Module):
     wraps (DDP / FSDP see one forward), and what inference scores with. ``lm`` keeps the weights;
     save and load ``lm``."""
 
-    def __init__(self, lm: torch.nn.Module) -> None:
+    def __init__(self, lm: torch.nn.Module, full_logits: bool = False) -> None:
         super().__init__()
         self.lm = lm
+        self.full_logits = full_logits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return response_logprobs(self.lm, batch)
+        return response_logprobs(self.lm, batch, self.full_logits)
