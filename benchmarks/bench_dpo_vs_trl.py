@@ -319,6 +319,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"## {name}: {info['parameters'] / 1e6:.1f}M parameters, {info['layers']} x "
                   f"{info['width']}, {r['tokens_per_pair']:.0f} tokens per pair "
                   f"({r['prompt_tokens_per_pair']:.0f} of them the prompt, once per sequence)", "",
+                  *([f"{r['settings']['steps']} steps x {r['settings']['batch']} pairs, median of "
+                     f"{r['settings']['reps']} alternated repetitions; TRL at its defaults (bf16): "
+                     f"{r['settings']['defaults_steps']} step(s), "
+                     f"{min(r['settings']['defaults_reps'], r['settings']['reps'])} repetition(s)",
+                     ""] if "settings" in r else []),
                   "| contender | pairs/s | ours / it |", "|---|---:|---:|",
                   f"| **ours** ({r['precision']}, prefix sharing, cached π_ref) | "
                   f"{r['ours_pairs_per_second']:.2f} | |"]
@@ -348,6 +353,9 @@ def main() -> None:
                     help="steps of TRL at its defaults (bf16: minutes per step without native bf16)")
     ap.add_argument("--defaults-reps", type=int, default=3)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--append", action="store_true",
+                    help="add these models to an existing results file (same machine, e.g. a "
+                         "second model with other --defaults-* settings)")
     args = ap.parse_args()
     if not (SFT.exists() and TOK.exists()):
         raise SystemExit(f"{SFT} or {TOK} is missing: run `kedro run --pipelines=reference` first")
@@ -355,12 +363,17 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
                             ).stdout.strip()
-    result = {"commit": commit, "machine": machine(), "models": {}}
     out = Path(args.out)
+    result = {"commit": commit, "machine": machine(), "models": {}}
+    if args.append and out.with_suffix(".json").exists():
+        result["models"] = json.loads(out.with_suffix(".json").read_text())["models"]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            result["models"][name] = bench_model(name, Path(tmp), args, result["machine"])
+            result["models"][name] = bench_model(name, Path(tmp), args, result["machine"]) | {
+                "settings": {"steps": args.steps, "batch": args.batch, "reps": args.reps,
+                             "defaults_steps": args.defaults_steps,
+                             "defaults_reps": args.defaults_reps}}
             # top-level keys of the contract: the first model's figures
             first = next(iter(result["models"].values()))
             result |= {k: first[k] for k in (
