@@ -24,7 +24,9 @@ from rpo_pipeline.evaluation import (
 from rpo_pipeline.jobs import InferenceJob, infer
 from rpo_pipeline.params import EvaluationParams
 from rpo_pipeline.policy import pair_sides
-from rpo_pipeline.tracking import MetricsPayload, scalars
+from rpo_pipeline.precision import resolve_precision
+from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, scalars
+from rpo_pipeline.training import resolve_device
 
 log = logging.getLogger(__name__)
 REFERENCE = "reference"
@@ -160,6 +162,9 @@ def summarize_evaluation(samples: pd.DataFrame, accuracy: dict[str, float], para
             value = getattr(row, m)
             if pd.notna(value):  # no gold judge: no gold metrics
                 payload[f"{row.policy}.{m}"] = value
+    # the precision sampling and scoring ran in (resolved as jobs.autocast resolves it)
+    p = EvaluationParams.parse(params)
+    payload["precision_bits"] = PRECISION_BITS[resolve_precision(p.precision, resolve_device(p.device))]
     for row in metrics.itertuples(index=False):
         log.info("evaluation %s: %s", row.policy,
                  ", ".join(f"{m} {getattr(row, m):.3f}" for m in METRICS))
