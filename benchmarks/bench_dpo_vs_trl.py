@@ -298,6 +298,7 @@ def bench_model(name: str, tmp: Path, args, mach: dict[str, Any]) -> dict[str, A
                                   if "defaults" in trl_rates else None),
         "train_gflop_per_pair": flops / 1e9,
         "mfu": flops * med["ours"] / (peak * 1e9),
+        "mfu_peak_gflops": peak,
         "rpo_k4_groups_per_second": {"prefix_shared": med["rpo_k4_shared"],
                                      "unshared": med["rpo_k4_unshared"]},
         "rpo_k4_sharing_speedup": med["rpo_k4_shared"] / med["rpo_k4_unshared"],
