@@ -92,12 +92,12 @@ def test_non_finite_gradient_skips_the_optimizer_step(bad):
 
     def loss_fn(m, batch):
         seen["calls"] += 1
-        loss = -torch.log_softmax(m.logits[batch["response_ids"]], -1).mean()
+        loss = -torch.log_softmax(m.logits[batch["input_ids"]], -1).mean()
         if seen["calls"] == 3:  # a finite loss whose gradient is nan or inf
             seen["before"] = m.logits.detach().clone()
             x = m.logits * 1.0
             x.register_hook(lambda g: torch.full_like(g, float(bad)))
-            return -torch.log_softmax(x[batch["response_ids"]], -1).mean(), {}
+            return -torch.log_softmax(x[batch["input_ids"]], -1).mean(), {}
         return loss, {}
 
     from rpo_pipeline.reference import sft_collate
