@@ -91,8 +91,8 @@ FILE_CASES = [
      r"oasst.jsonl: looks like OpenAssistant message trees .* Supported formats: pairs"),
     ("chat.jsonl", jsonl([{"messages": [{"role": "user", "content": "hi"}]}]),
      r"chat.jsonl: looks like chat transcripts \(`messages`\) without preferences"),
-    ("imdb.jsonl", jsonl([{"text": "A fine film.", "label": 1}]),
-     r"imdb.jsonl: looks like a text corpus \(`text`\) without preferences"),
+    ("imdb.jsonl", jsonl([{"text": "A fine film.", "label": 1}]),  # format text: too short
+     r"imdb.jsonl: row 1: text has 3 words; the prompt takes \d"),
     ("unknown_columns.jsonl", jsonl([{"question": "q", "answer": "a"}]),
      r"unknown_columns.jsonl: cannot detect the preference format from the columns \['answer', 'question'\]; "
      r"supported formats: pairs"),

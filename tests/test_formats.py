@@ -173,3 +173,46 @@ def test_missing_file_and_bad_json_are_named(tmp_path):
     with pytest.raises(PreferenceDataError, match=r"bad.jsonl: row 2: the line is cut off in the middle "
                                                   r"of its JSON"):
         ingest(read_preference_files(str(bad)))  # a row-level problem: on_invalid decides
+
+
+# ---- prompt-only and raw-text data (issue 14) ---------------------------------------------------
+TEXTS = ["This movie was a slow burn but the ending paid off in every way.",
+         "I could not stop laughing , the cast is wonderful and the script sharp .",
+         "Terrible   sound, worse acting; skip it unless you enjoy pain and boredom."]
+
+
+def test_prompts_only_are_detected_and_keep_no_responses():
+    res = ingest(pd.DataFrame({"prompt": ["Tell me a story.", "Name a fruit."]}))
+    assert res.format == "prompts"
+    assert res.groups["responses"].tolist() == [[], []]
+    assert res.groups["sft_target"].isna().all() and not res.groups["labeled_pair"].any()
+    with pytest.raises(PreferenceDataError, match="row 2: duplicate of row 1"):
+        ingest(pd.DataFrame({"prompt": ["Same.", "Same."]}))
+
+
+@pytest.mark.parametrize("words", [(2, 8), (3, 3)])
+def test_text_splits_into_a_seeded_prompt_and_its_continuation(words):
+    res = ingest(pd.DataFrame({"text": TEXTS, "label": [1, 1, 0]}), prompt_words=words, seed=7)
+    assert res.format == "text"
+    g = res.groups
+    counts = [len(p.split()) for p in g["prompt"]]
+    assert all(words[0] <= n <= words[1] for n in counts)
+    for text, prompt, target in zip(TEXTS, g["prompt"], g["sft_target"], strict=True):
+        assert text.startswith(prompt) and text.endswith(target)  # nothing lost, spacing kept
+        assert text[len(prompt):].strip() == target and target
+    assert g["responses"].tolist() == [[], [], []]
+    # seeded per text, not per row position: reversed rows give each text the same prompt
+    again = ingest(pd.DataFrame({"text": TEXTS[::-1]}), prompt_words=words, seed=7)
+    assert again.groups["prompt"].tolist() == g["prompt"].tolist()[::-1]
+    if words == (2, 8):  # another seed draws other lengths for at least one of the texts
+        other = ingest(pd.DataFrame({"text": TEXTS}), prompt_words=words, seed=8)
+        assert other.groups["prompt"].tolist() != g["prompt"].tolist()
+
+
+def test_text_too_short_for_its_prompt_is_rejected_or_dropped_with_the_reason():
+    df = pd.DataFrame({"text": [TEXTS[0], "Two words", "   "]})
+    with pytest.raises(PreferenceDataError, match=r"row 2: text has 2 words; the prompt takes 3"):
+        ingest(df, prompt_words=(3, 3))
+    res = ingest(df, prompt_words=(3, 3), on_invalid="drop")
+    assert res.counts == {"rows_in": 3, "rows_out": 1, "rows_dropped": 2}
+    assert res.dropped["source_row"].tolist() == [2, 3]

@@ -108,7 +108,7 @@ RULES = [
                                         "'hf_classifier'"),
     ({"evaluation.split": "dev"}, "evaluation.split = 'dev': must be 'train', 'val' or 'test'"),
     ({"data_processing.format": "sharegpt"}, "data_processing.format = 'sharegpt': must be 'auto', 'pairs', "
-                                             "'hh' or 'scored'"),
+                                             "'hh', 'scored', 'prompts' or 'text'"),
     ({"data_processing.on_invalid": "skip"}, "data_processing.on_invalid = 'skip': must be 'raise' or 'drop'"),
     ({"data_processing.rejected": "best"}, "data_processing.rejected = 'best': must be 'worst' or 'random'"),
     ({"data_processing.columns.prompts": "q"}, "data_processing.columns.prompts = 'prompts': must be 'prompt',"),

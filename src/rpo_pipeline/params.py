@@ -41,7 +41,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
              "constant_with_warmup", "inverse_sqrt")
 CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected",
-                     "responses", "scores")
+                     "responses", "scores", "text")
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -232,6 +232,16 @@ class DataProcessingParams(Schema):
     use_chat_template: bool
     max_prompt_length: PosInt
     max_length: PosInt
+    # format text: [lo, hi], the range of each text's prompt word count
+    prompt_words: Annotated[list[PosInt], Field(min_length=2, max_length=2)]
+
+    @field_validator("prompt_words")
+    @classmethod
+    def _word_range(cls, v: list[int]) -> list[int]:
+        if v[0] > v[1]:
+            raise ValueError(f"[{v[0]}, {v[1]}] is not a range: the first bound must not exceed "
+                             "the second")
+        return v
 
     @field_validator("template")
     @classmethod

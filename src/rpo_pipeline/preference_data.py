@@ -33,7 +33,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-FORMATS = ("pairs", "hh", "scored")
+FORMATS = ("pairs", "hh", "scored", "prompts", "text")
 SOURCE_FILE, SOURCE_ROW = "_source_file", "_source_row"
 READ_ERROR = "_read_error"  # why a raw row could not be read (bad UTF-8 or JSON); None if it could
 HH_ASSISTANT = "\n\nAssistant:"
@@ -41,7 +41,9 @@ HH_HUMAN = "\n\nHuman:"
 _FORMAT_HELP = (
     "pairs (prompt, chosen, rejected[, score_chosen, score_rejected]), "
     "hh (chosen, rejected: full '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts), "
-    "scored (prompt, responses, scores)"
+    "scored (prompt, responses, scores), "
+    "prompts (prompt only: responses are generated later), "
+    "text (a raw corpus: the first words of each text are the prompt, the rest its SFT target)"
 )
 
 
@@ -276,13 +278,18 @@ def detect_format(columns: Iterable[str], source: str = "raw_preferences") -> st
         return "pairs"
     if {"chosen", "rejected"} <= cols:
         return "hh"
+    if "prompt" in cols:
+        return "prompts"
+    if "text" in cols:
+        return "text"
     raise PreferenceDataError(
         f"{source}: cannot detect the preference format from the columns {sorted(cols)}; "
         f"supported formats: {_FORMAT_HELP}")
 
 
 REQUIRED_COLUMNS = {"pairs": ("prompt", "chosen", "rejected"), "hh": ("chosen", "rejected"),
-                    "scored": ("prompt", "responses", "scores")}
+                    "scored": ("prompt", "responses", "scores"), "prompts": ("prompt",),
+                    "text": ("text",)}
 
 
 def _first(df: pd.DataFrame, col: str) -> Any:
@@ -315,8 +322,6 @@ def unsupported_layout(df: pd.DataFrame) -> str | None:
         return ("chat transcripts (`messages`) without preferences: SFT data, not preference data")
     if {"instruction", "output"} <= cols and "chosen" not in cols:
         return "Alpaca-style instruction data (`instruction`, `output`): SFT data, not preference data"
-    if "text" in cols and not {"prompt", "chosen", "responses"} & cols:
-        return "a text corpus (`text`) without preferences"
     return None
 
 
@@ -432,6 +437,7 @@ class Group:
     scores: list[float] | None
     prompt_messages: list[dict[str, str]] | None = field(default=None)
     labeled_pair: bool = True
+    sft_target: str | None = None  # format text: the continuation SFT learns (no preference)
 
 
 def _distinct(responses: list[str], names: list[str]) -> None:
@@ -504,6 +510,35 @@ def parse_scored_row(row: dict[str, Any]) -> Group:
     return Group(prompt, responses, scores, labeled_pair=False)
 
 
+def parse_prompts_row(row: dict[str, Any]) -> Group:
+    """A prompt with no responses yet (``generate_preferences`` samples and judges them)."""
+    return Group(_text(row["prompt"], "prompt"), [], None, labeled_pair=False)
+
+
+_WORD_END = re.compile(r"\S+")
+
+
+def prompt_word_count(text: str, prompt_words: tuple[int, int], seed: int) -> int:
+    """N in [lo, hi], drawn from a seeded hash of the text: the same text gets the same N whatever
+    the file's row order."""
+    lo, hi = prompt_words
+    digest = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
+    return lo + int.from_bytes(digest, "little") % (hi - lo + 1)
+
+
+def parse_text_row(row: dict[str, Any], prompt_words: tuple[int, int], seed: int) -> Group:
+    """Raw text -> prompt (its first N words, N seeded per text; the DPO paper's IMDb setting uses
+    2-8 tokens) and SFT target (the rest, spacing kept; cut to ``max_length`` when tokenized)."""
+    text = _text(row["text"], "text").strip()
+    words = list(_WORD_END.finditer(text))
+    n = prompt_word_count(text, prompt_words, seed)
+    if len(words) <= n:
+        raise RowError(f"text has {len(words)} words; the prompt takes {n} "
+                       f"(data_processing.prompt_words {list(prompt_words)}) and leaves no continuation")
+    cut = words[n - 1].end()
+    return Group(text[:cut], [], None, labeled_pair=False, sft_target=text[cut:].strip())
+
+
 # --------------------------------------------------------------------------------------------------
 # Ingestion: rows -> groups (+ dropped rows)
 # --------------------------------------------------------------------------------------------------
@@ -541,12 +576,13 @@ class IngestResult:
 
 
 GROUP_COLUMNS = ["group_id", "prompt", "prompt_messages", "responses", "scores", "labeled_pair",
-                 "source_file", "source_row"]
+                 "sft_target", "source_file", "source_row"]
 DROPPED_COLUMNS = ["source_file", "source_row", "reason", "record"]
 
 
 def ingest(df: pd.DataFrame, fmt: str = "auto", on_invalid: str = "raise",
-           columns: dict[str, str] | None = None, source: str = "raw_preferences") -> IngestResult:
+           columns: dict[str, str] | None = None, source: str = "raw_preferences",
+           prompt_words: tuple[int, int] = (2, 8), seed: int = 0) -> IngestResult:
     """Validate raw rows and turn them into canonical groups.
 
     ``on_invalid='raise'`` stops at the first invalid row (the error names the file, the row and
@@ -580,7 +616,8 @@ def ingest(df: pd.DataFrame, fmt: str = "auto", on_invalid: str = "raise",
     needed = list(REQUIRED_COLUMNS[fmt]) + (["score_chosen", "score_rejected"] if has_scores else [])
     col_values = {c: df[c].tolist() if c in df.columns else [None] * len(df) for c in needed}
     parse = {"pairs": lambda r: parse_pairs_row(r, has_scores), "hh": parse_hh_row,
-             "scored": parse_scored_row}[fmt]
+             "scored": parse_scored_row, "prompts": parse_prompts_row,
+             "text": lambda r: parse_text_row(r, tuple(prompt_words), seed)}[fmt]
 
     out: dict[str, list] = {c: [] for c in GROUP_COLUMNS}
     dropped: list[tuple] = []
@@ -592,7 +629,7 @@ def ingest(df: pd.DataFrame, fmt: str = "auto", on_invalid: str = "raise",
                 record = {}
                 raise RowError(read_errors[i])
             g = parse(record)
-            gid = group_id(g.prompt, g.responses)
+            gid = group_id(g.prompt, g.responses if g.sft_target is None else [g.sft_target])
             if gid in first_seen:
                 raise RowError(f"duplicate of row {rows[first_seen[gid]]}")
         except RowError as e:
@@ -611,8 +648,13 @@ def ingest(df: pd.DataFrame, fmt: str = "auto", on_invalid: str = "raise",
         out["responses"].append(g.responses)
         out["scores"].append(g.scores)
         out["labeled_pair"].append(g.labeled_pair)
+        out["sft_target"].append(g.sft_target)
         out["source_file"].append(files[i])
         out["source_row"].append(int(rows[i]))
+    if dropped and not out["group_id"]:
+        f, r, why, _ = dropped[0]
+        raise PreferenceDataError(f"{f}: row {r}: {why} (and every other row of {source} was "
+                                  f"invalid too: {len(dropped)} dropped, none left)")
     groups = pd.DataFrame(out, columns=GROUP_COLUMNS)
     dropped_df = pd.DataFrame(dropped, columns=DROPPED_COLUMNS)
     result = IngestResult(groups, dropped_df, fmt, len(df))

@@ -21,7 +21,8 @@ def ingest_preferences(raw: pd.DataFrame, params: dict[str, Any]
                        ) -> tuple[pd.DataFrame, pd.DataFrame, MetricsPayload]:
     """Validate raw rows into canonical groups; dropped rows (``on_invalid: drop``) with reasons."""
     p = DataProcessingParams.parse(params)
-    result = ingest(raw, fmt=p.format, on_invalid=p.on_invalid, columns=dict(p.columns))
+    result = ingest(raw, fmt=p.format, on_invalid=p.on_invalid, columns=dict(p.columns),
+                    prompt_words=tuple(p.prompt_words), seed=p.seed)
     counts = result.counts
     log.info("format %s: %d rows in, %d out, %d dropped", result.format, counts["rows_in"],
              counts["rows_out"], counts["rows_dropped"])
