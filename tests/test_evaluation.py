@@ -156,16 +156,14 @@ def test_kl_estimate_matches_exact_kl():
     assert abs(diff.mean() - exact) < 4 * se, (diff.mean(), exact, se)
 
 
-def test_eval_prompts_take_the_prompt_tokens_of_each_test_group():
-    tok = pd.DataFrame({
-        "group_id": [1, 1, 2, 2, 3], "response_index": [0, 1, 0, 1, 0],
-        "split": ["test", "test", "train", "train", "test"],
-        "input_ids": [[5, 6, 7], [5, 6, 8], [1, 2], [1, 3], [9, 9, 9, 4]],
-        "response_start": [2, 2, 1, 1, 3]})
-    out = eval_prompts(tok)
+def test_eval_prompts_take_each_test_group_by_id():
+    prompts = pd.DataFrame({
+        "group_id": [3, 1, 2], "split": ["test", "test", "train"],
+        "prompt_ids": [[9, 9, 9], [5, 6], [1]]})
+    out = eval_prompts(prompts)
     assert out["group_id"].tolist() == [1, 3]
     assert out["prompt_ids"].tolist() == [[5, 6], [9, 9, 9]]
-    assert eval_prompts(tok, max_prompts=1)["group_id"].tolist() == [1]
+    assert eval_prompts(prompts, max_prompts=1)["group_id"].tolist() == [1]
 
 
 def _samples() -> pd.DataFrame:

@@ -25,6 +25,10 @@ TINY = BaseModelParams.parse(base_params("base_model", {
 DATA_PARAMS = base_params("data_processing", {"max_prompt_length": 48, "max_length": 96})
 REF_PARAMS = base_params("reference", {"device": "cpu", "sft.progress": False})
 
+# no ``text`` groups: no SFT targets beyond the responses
+NO_TEXT = pd.DataFrame({"group_id": [], "response_index": [], "split": [], "input_ids": [],
+                        "response_start": [], "length": []})
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -119,7 +123,7 @@ def test_sft_and_cache_nodes_hit_when_inputs_are_unchanged(data, saved):
     tokenized, pairs = data["tokenized"], data["pairs"]
 
     def run(p, dp=DATA_PARAMS):
-        out, m1 = train_sft(base, tok, tokenized, pairs, sft_ds.load().stored_fingerprint()
+        out, m1 = train_sft(base, tok, tokenized, NO_TEXT, pairs, sft_ds.load().stored_fingerprint()
                             if sft_ds.exists() else None, p)
         sft_ds.save(out)
         stored = None
@@ -153,7 +157,7 @@ def test_sft_and_cache_nodes_hit_when_inputs_are_unchanged(data, saved):
 def test_sft_steps_zero_keeps_the_base_model(data, saved):
     base, tok, _ = saved
     params = base_params("reference", {"device": "cpu", "sft.steps": 0})
-    out, m = train_sft(base, tok, data["tokenized"], data["pairs"], None, params)
+    out, m = train_sft(base, tok, data["tokenized"], NO_TEXT, data["pairs"], None, params)
     ref = out.value
     for (n1, p1), (_, p2) in zip(ref.named_parameters(), data["model"].named_parameters(), strict=True):
         assert torch.equal(p1, p2), n1

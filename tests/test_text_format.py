@@ -8,7 +8,15 @@ from conftest import DEFAULT_DATA, shared_file
 
 from rpo_pipeline.base_model import train_bpe_tokenizer
 from rpo_pipeline.preference_data import assign_splits, ingest, read_preference_files
-from rpo_pipeline.text_format import SEED_TEMPLATE, Template, format_groups, tokenize_examples
+from rpo_pipeline.text_format import (
+    SEED_TEMPLATE,
+    Template,
+    format_groups,
+    format_prompts,
+    format_sft_targets,
+    tokenize_examples,
+    tokenize_prompts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +120,25 @@ def test_chat_template(tokenizer, default_groups):
     assert ex["response_text"].tolist() == [f"yes{eos}", f"no{eos}"]
     single = format_groups(default_groups.head(1), use_chat_template=True, tokenizer=tok)
     assert single.iloc[0]["prompt_text"].startswith(f"<|user|>{default_groups.iloc[0]['prompt']}")
+
+
+def test_prompt_tokens_equal_the_prompt_part_of_every_response_row(default_groups, tokenizer):
+    groups = default_groups.assign(split="train")
+    tok = tokenize_examples(format_groups(groups), tokenizer, 6, 128)  # 6: some prompts truncated
+    prompts = tokenize_prompts(format_prompts(groups), tokenizer, 6)
+    assert len(prompts) == len(groups) and prompts["prompt_truncated"].any()
+    by_group = dict(zip(prompts["group_id"], prompts["prompt_ids"], strict=True))
+    for ids, start, gid in zip(tok["input_ids"], tok["response_start"], tok["group_id"], strict=True):
+        assert list(ids[:start]) == list(by_group[gid])
+
+
+def test_sft_targets_tokenize_as_responses_with_index_minus_one(tokenizer):
+    groups = pd.DataFrame({"group_id": ["a", "b"], "prompt": ["I loved", "Terrible"],
+                           "prompt_messages": [None, None], "responses": [[], ["x", "y"]],
+                           "sft_target": ["this film a lot", None], "split": ["train", "val"]})
+    ex = format_sft_targets(groups)
+    assert ex[["group_id", "response_index"]].values.tolist() == [["a", -1]]
+    tok = tokenize_examples(ex, tokenizer, 64, 128)
+    assert tokenizer.decode(tok["input_ids"][0][tok["response_start"][0]:]) == \
+        " this film a lot" + tokenizer.eos_token
+    assert tokenize_examples(ex.iloc[:0], tokenizer, 64, 128).empty

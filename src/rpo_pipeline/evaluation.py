@@ -26,16 +26,14 @@ from rpo_pipeline.training import local_device, resolve_device, world
 Judge = Callable[[list[str]], np.ndarray]
 
 
-def eval_prompts(tokenized: pd.DataFrame, split: str = "test", max_prompts: int | None = None
+def eval_prompts(prompts: pd.DataFrame, split: str = "test", max_prompts: int | None = None
                  ) -> pd.DataFrame:
-    """One row per group of ``split``: group_id and the prompt's token ids (as in training)."""
-    rows = tokenized[(tokenized["split"] == split) & (tokenized["response_index"] == 0)]
-    rows = rows.sort_values("group_id", kind="stable")
+    """One row per group of ``split`` (``tokenized_prompts``), by group_id: group_id, prompt_ids."""
+    rows = prompts[prompts["split"] == split].sort_values("group_id", kind="stable")
     if max_prompts is not None:
         rows = rows.head(max_prompts)
-    prompt_ids = [list(ids[:start]) for ids, start in zip(rows["input_ids"], rows["response_start"],
-                                                            strict=True)]
-    return pd.DataFrame({"group_id": rows["group_id"].to_numpy(), "prompt_ids": prompt_ids})
+    return pd.DataFrame({"group_id": rows["group_id"].to_numpy(),
+                         "prompt_ids": [list(p) for p in rows["prompt_ids"]]})
 
 
 def _trim(tokens: Sequence[int], eos_id: int) -> list[int]:

@@ -26,7 +26,19 @@ class ValidateParameters:
         sources = ["conf/base"] + ([f"conf/{context.env}"] if context.env else [])
         if loader.runtime_params:
             sources.append("--params")
-        validate_project_params(loader["parameters"], source=" + ".join(sources))
+        params = validate_project_params(loader["parameters"], source=" + ".join(sources))
+        self._unroll_online_rounds(params.rpo_online.rounds)
+
+    @staticmethod
+    def _unroll_online_rounds(rounds: int) -> None:
+        """The registry unrolls ``rpo_online.rounds`` rounds (Kedro DAGs have no loops), so the
+        pipelines are built from this run's value; built ones with another value are rebuilt."""
+        from kedro.framework.project import pipelines
+
+        from rpo_pipeline.pipeline_registry import set_online_rounds
+
+        if set_online_rounds(rounds):
+            pipelines._is_data_loaded = False  # Kedro's lazy cache: rebuilt on next access
 
 
 class SerializeRuns:

@@ -44,7 +44,7 @@ class Split:
 class PolicyJob:
     """DPO or RPO from π_SFT: ``params`` is the stage's validated parameters (``model_dump``)."""
 
-    method: str  # dpo | rpo
+    method: str  # dpo | rpo | rpo_online (one round)
     model_path: str  # π_SFT (save_pretrained directory)
     pad_id: int
     params: dict[str, Any]
@@ -100,10 +100,11 @@ def fit_policy(job: PolicyJob, model: torch.nn.Module | None = None
 
     from rpo_pipeline.base_model import lora_target_modules
     from rpo_pipeline.losses import preference_loss, reward_aware_loss
-    from rpo_pipeline.params import DpoParams, RpoParams
+    from rpo_pipeline.params import DpoParams, RpoOnlineParams, RpoParams
     from rpo_pipeline.policy import group_collate, policy_collate
 
-    p = (DpoParams if job.method == "dpo" else RpoParams).model_validate(job.params)
+    schema = {"dpo": DpoParams, "rpo": RpoParams, "rpo_online": RpoOnlineParams}[job.method]
+    p = schema.model_validate(job.params)
     cfg = _config(p.train.model_dump(), p.device)
     if job.method == "dpo":
         loss_fn = preference_loss(p.loss, p.beta, p.label_smoothing, p.sft_weight)

@@ -320,13 +320,18 @@ class DpoParams(PolicyParams):
         return self
 
 
-class RpoParams(PolicyParams):
-    group: ClassVar[str] = "rpo"
+class RewardAwareParams(PolicyParams):
+    """What offline and online RPO share: the distance, η, the target normalisation."""
+
     distance: Literal[tuple(RPO_DISTANCES)]
     eta: PosFloat
-    reward_source: Literal["reward_model", "dataset"]
     reward_normalization: Literal["none", "zscore", "per_prompt"]
     average_logps: bool
+
+
+class RpoParams(RewardAwareParams):
+    group: ClassVar[str] = "rpo"
+    reward_source: Literal["reward_model", "dataset"]
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -385,10 +390,27 @@ class EvaluationParams(Schema):
         return self
 
 
+class RpoOnlineParams(RewardAwareParams):
+    """Online RPO: ``rounds`` x (sample K from the current policy on ``prompts_per_round`` fresh
+    train prompts, score with the reward model, π_ref log-probs, ``train.steps`` RPO steps)."""
+
+    group: ClassVar[str] = "rpo_online"
+    rounds: PosInt
+    prompts_per_round: PosInt
+    sampling: SamplingConfig  # n_samples = K responses per prompt
+
+    @model_validator(mode="after")
+    def _groups_need_two_responses(self) -> RpoOnlineParams:
+        if self.sampling.n_samples < 2:
+            raise RuleError("sampling.n_samples", f"= {self.sampling.n_samples}: RPO compares the K "
+                            "responses of a prompt, so K must be at least 2")
+        return self
+
+
 # ---- the whole tree -----------------------------------------------------------------------------
 GROUPS: dict[str, type[Schema]] = {
     m.group: m for m in (BaseModelParams, DataProcessingParams, ReferenceParams, RewardModelParams,
-                         DpoParams, RpoParams, EvaluationParams)
+                         DpoParams, RpoParams, RpoOnlineParams, EvaluationParams)
 }
 
 
@@ -401,6 +423,7 @@ class ProjectParams(Schema):
     reward_model: RewardModelParams
     dpo: DpoParams
     rpo: RpoParams
+    rpo_online: RpoOnlineParams
     evaluation: EvaluationParams
 
     @model_validator(mode="after")
@@ -416,10 +439,12 @@ class ProjectParams(Schema):
         if dp.max_length > positions:
             raise RuleError("data_processing.max_length", f"= {dp.max_length} exceeds "
                             f"base_model.model.n_positions = {positions}")
-        if dp.max_prompt_length + sampling.max_new_tokens > positions:
-            raise RuleError("evaluation.sampling.max_new_tokens", f"= {sampling.max_new_tokens} plus "
-                            f"data_processing.max_prompt_length = {dp.max_prompt_length} exceeds "
-                            f"base_model.model.n_positions = {positions}")
+        for key, cfg in (("evaluation.sampling", sampling),
+                         ("rpo_online.sampling", self.rpo_online.sampling)):
+            if dp.max_prompt_length + cfg.max_new_tokens > positions:
+                raise RuleError(f"{key}.max_new_tokens", f"= {cfg.max_new_tokens} plus "
+                                f"data_processing.max_prompt_length = {dp.max_prompt_length} exceeds "
+                                f"base_model.model.n_positions = {positions}")
         return self
 
 

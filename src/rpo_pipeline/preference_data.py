@@ -690,6 +690,10 @@ def assign_splits(groups: pd.DataFrame, fractions: dict[str, float], seed: int) 
     return groups.assign(split=splits)
 
 
+PAIR_COLUMNS = ["group_id", "prompt", "chosen", "rejected", "chosen_index", "rejected_index",
+                "score_chosen", "score_rejected"]
+
+
 def groups_to_pairs(groups: pd.DataFrame, rejected: str = "worst", seed: int = 0) -> pd.DataFrame:
     """One preference pair per group.
 
@@ -703,6 +707,8 @@ def groups_to_pairs(groups: pd.DataFrame, rejected: str = "worst", seed: int = 0
     recs = []
     for row in groups.itertuples(index=False):
         responses = list(row.responses)
+        if len(responses) < 2:  # prompt-only and text groups: nothing to prefer (yet)
+            continue
         scores = None if row.scores is None else [float(s) for s in row.scores]
         if row.labeled_pair or scores is None:
             ci, ri = 0, 1
@@ -722,7 +728,8 @@ def groups_to_pairs(groups: pd.DataFrame, rejected: str = "worst", seed: int = 0
             "score_rejected": None if scores is None else scores[ri],
             **({"split": row.split} if "split" in groups.columns else {}),
         })
-    return pd.DataFrame.from_records(recs)
+    return pd.DataFrame.from_records(recs, columns=PAIR_COLUMNS
+                                     + (["split"] if "split" in groups.columns else []))
 
 
 def write_jsonl(records: Iterable[dict], path: str) -> None:

@@ -76,6 +76,50 @@ def format_groups(groups: pd.DataFrame, template: str = SEED_TEMPLATE,
                                        "response_text"])
 
 
+def format_prompts(groups: pd.DataFrame, template: str = SEED_TEMPLATE,
+                   use_chat_template: bool = False, tokenizer=None) -> pd.DataFrame:
+    """One row per group, responses or not: group_id, split, prompt_text (as ``format_groups``
+    renders the prompt, so its tokens equal the prompt part of every response's row)."""
+    tpl = None if use_chat_template else Template.parse(template)
+    recs = []
+    for row in groups.itertuples(index=False):
+        if tpl is not None:
+            text = tpl.prefix.replace("{prompt}", row.prompt)
+        else:
+            msgs = (json.loads(row.prompt_messages) if row.prompt_messages
+                    else [{"role": "user", "content": row.prompt}])
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("data_processing.use_chat_template is true but the tokenizer has "
+                                 "no chat template; use a chat model's tokenizer or the plain template")
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        recs.append((row.group_id, row.split, text))
+    return pd.DataFrame(recs, columns=["group_id", "split", "prompt_text"])
+
+
+def format_sft_targets(groups: pd.DataFrame, template: str = SEED_TEMPLATE,
+                       use_chat_template: bool = False, tokenizer=None) -> pd.DataFrame:
+    """The ``sft_target`` of each group that has one (format ``text``), as ``format_groups`` rows
+    with ``response_index`` -1: the continuation SFT learns, never a preference response."""
+    has = groups[groups["sft_target"].notna()] if "sft_target" in groups.columns else groups.iloc[:0]
+    rows = has.assign(responses=[[t] for t in has["sft_target"]])
+    out = format_groups(rows, template, use_chat_template, tokenizer)
+    out["response_index"] = -1
+    return out
+
+
+def tokenize_prompts(prompts: pd.DataFrame, tokenizer, max_prompt_length: int,
+                     chat_template: bool = False) -> pd.DataFrame:
+    """Prompt token ids per group, left-truncated to ``max_prompt_length`` as in
+    ``tokenize_examples``: group_id, split, prompt_ids, prompt_truncated."""
+    texts = prompts["prompt_text"].tolist()
+    ids = tokenizer(texts, add_special_tokens=not chat_template, verbose=False)["input_ids"] \
+        if texts else []
+    out = prompts[["group_id", "split"]].copy()
+    out["prompt_ids"] = [list(p[-max_prompt_length:]) for p in ids]
+    out["prompt_truncated"] = [len(p) > max_prompt_length for p in ids]
+    return out.reset_index(drop=True)
+
+
 def tokenize_examples(examples: pd.DataFrame, tokenizer, max_prompt_length: int, max_length: int,
                       add_eos: bool = True, chat_template: bool = False) -> pd.DataFrame:
     """Token ids of prompt + response with the response start index.
@@ -86,6 +130,9 @@ def tokenize_examples(examples: pd.DataFrame, tokenizer, max_prompt_length: int,
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length "
                          f"({max_length})")
+    if examples.empty:
+        return examples[["group_id", "response_index", "split"]].assign(
+            input_ids=[], response_start=[], length=[], prompt_truncated=[], response_truncated=[])
     # chat templates already carry BOS and other special tokens as text
     # each distinct prompt once (a group's K responses share it); verbose=False: lengths beyond
     # model_max_length are expected here, truncation follows

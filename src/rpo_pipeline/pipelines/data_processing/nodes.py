@@ -11,7 +11,14 @@ from rpo_pipeline.base_model import make_base_model, max_positions
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.params import BaseModelParams, DataProcessingParams
 from rpo_pipeline.preference_data import SPLITS, assign_splits, groups_to_pairs, ingest
-from rpo_pipeline.text_format import Template, format_groups, tokenize_examples
+from rpo_pipeline.text_format import (
+    Template,
+    format_groups,
+    format_prompts,
+    format_sft_targets,
+    tokenize_examples,
+)
+from rpo_pipeline.text_format import tokenize_prompts as _tokenize_prompts
 from rpo_pipeline.tracking import MetricsPayload, scalars
 
 log = logging.getLogger(__name__)
@@ -52,10 +59,15 @@ def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: 
     train = groups[groups["split"] == "train"]
     template_words = Template.parse(p.template).prefix.replace("{prompt}", " ")
 
+    targets = train["sft_target"] if "sft_target" in train.columns else [None] * len(train)
+
     def texts():
-        for prompt, responses in zip(train["prompt"], train["responses"], strict=True):
+        for prompt, responses, target in zip(train["prompt"], train["responses"], targets,
+                                             strict=True):
             yield f"{template_words} {prompt}"
             yield from responses
+            if target is not None:
+                yield target
 
     model, tokenizer = make_base_model(base, texts())
     limit = max_positions(model)
@@ -83,6 +95,27 @@ def tokenize_responses(examples: pd.DataFrame, tokenizer: PretrainedHandle, para
                              chat_template=p.use_chat_template)
 
 
+def tokenize_prompts(groups: pd.DataFrame, tokenizer: PretrainedHandle, params: dict[str, Any]
+                     ) -> pd.DataFrame:
+    """Prompt token ids of every group, responses or not (sampling and evaluation start here)."""
+    p = DataProcessingParams.parse(params)
+    tok = tokenizer.load()
+    prompts = format_prompts(groups, template=p.template, use_chat_template=p.use_chat_template,
+                             tokenizer=tok)
+    return _tokenize_prompts(prompts, tok, p.max_prompt_length, chat_template=p.use_chat_template)
+
+
+def tokenize_sft_targets(groups: pd.DataFrame, tokenizer: PretrainedHandle, params: dict[str, Any]
+                         ) -> pd.DataFrame:
+    """Token ids of each ``text`` group's continuation (response_index -1), for SFT only."""
+    p = DataProcessingParams.parse(params)
+    tok = tokenizer.load()
+    examples = format_sft_targets(groups, template=p.template,
+                                  use_chat_template=p.use_chat_template, tokenizer=tok)
+    return tokenize_examples(examples, tok, p.max_prompt_length, p.max_length,
+                             chat_template=p.use_chat_template)
+
+
 def summarize(groups: pd.DataFrame, pairs: pd.DataFrame, tokenized: pd.DataFrame
               ) -> MetricsPayload:
     """Counts per split, pairs, truncation and lengths for MLflow."""
@@ -91,6 +124,7 @@ def summarize(groups: pd.DataFrame, pairs: pd.DataFrame, tokenized: pd.DataFrame
         m[f"groups_{s}"] = int((groups["split"] == s).sum())
         m[f"pairs_{s}"] = int((pairs["split"] == s).sum()) if len(pairs) else 0
     m["groups_without_preference"] = len(groups) - len(pairs)
+    m["groups_without_responses"] = int((groups["responses"].map(len) == 0).sum())
     m["examples"] = len(tokenized)
     m["prompt_truncated"] = int(tokenized["prompt_truncated"].sum())
     m["response_truncated"] = int(tokenized["response_truncated"].sum())

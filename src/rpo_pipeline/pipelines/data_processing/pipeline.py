@@ -9,7 +9,9 @@ from .nodes import (
     make_pairs,
     split_by_prompt,
     summarize,
+    tokenize_prompts,
     tokenize_responses,
+    tokenize_sft_targets,
 )
 
 
@@ -51,6 +53,18 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["formatted_examples", "tokenizer", "params:data_processing"],
                 outputs="tokenized_examples",
                 name="tokenize_responses",
+            ),
+            Node(
+                tokenize_prompts,
+                inputs=["preference_groups", "tokenizer", "params:data_processing"],
+                outputs="tokenized_prompts",
+                name="tokenize_prompts",
+            ),
+            Node(
+                tokenize_sft_targets,
+                inputs=["preference_groups", "tokenizer", "params:data_processing"],
+                outputs="tokenized_sft_targets",
+                name="tokenize_sft_targets",
             ),
             Node(
                 summarize,

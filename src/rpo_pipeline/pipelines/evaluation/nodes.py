@@ -43,8 +43,8 @@ def _sequence_logprobs(model: PretrainedHandle, prompts: list[list[int]],
     return infer(job, p.num_processes, p.backend, model.load)
 
 
-def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
-                  params: dict[str, Any]) -> pd.DataFrame:
+def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle,
+                  tokenized_prompts: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
     """N seeded samples and one greedy completion per test prompt, with log π(y|x).
 
     One row per completion: group_id, sample (0..N-1; -1 = greedy), prompt_ids, completion_ids,
@@ -54,7 +54,7 @@ def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle, tokenize
     p = EvaluationParams.parse(params)
     cfg = p.sampling
     tok = tokenizer.load()
-    prompts = eval_prompts(tokenized, p.split, p.max_prompts)
+    prompts = eval_prompts(tokenized_prompts, p.split, p.max_prompts)
     ids = prompts["prompt_ids"].tolist()
     name = model.path.name
     lm = model.load() if p.num_processes == 1 else None

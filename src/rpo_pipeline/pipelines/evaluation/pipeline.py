@@ -6,17 +6,17 @@ from kedro.pipeline import Node, Pipeline
 
 from .nodes import pair_accuracy, report_evaluation, sample_policy, score_samples, summarize_evaluation
 
-SHARED = ["tokenizer", "tokenized_examples", "preference_groups", "preference_pairs", "sft_model",
+SHARED = ["tokenizer", "tokenized_prompts", "tokenized_examples", "preference_groups", "preference_pairs", "sft_model",
           "reward_model"]
 
 
-def create_pipeline(policies: Sequence[str] = ("dpo", "rpo"), **kwargs) -> Pipeline:
+def create_pipeline(policies: Sequence[str] = ("dpo", "rpo", "rpo_online"), **kwargs) -> Pipeline:
     """Sample the reference (π_SFT) and each ``<policy>.policy_model``; score, compare, report."""
     # inside the template a policy model is ``<p>_policy_model``; it is mapped to ``<p>.policy_model``
     policy_models = {p: f"{p}_policy_model" for p in policies}
     models = {"reference": "sft_model"} | policy_models
     sampling = [
-        Node(sample_policy, inputs=[model, "tokenizer", "tokenized_examples", "params:evaluation"],
+        Node(sample_policy, inputs=[model, "tokenizer", "tokenized_prompts", "params:evaluation"],
              outputs=f"samples_{name}", name=f"sample_{name}")
         for name, model in models.items()
     ]

@@ -24,10 +24,12 @@ from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories, sca
 log = logging.getLogger(__name__)
 
 
-def _run(sft_model: PretrainedHandle, job: PolicyJob, p: PolicyParams) -> tuple[Any, MetricsPayload]:
-    """Train (here or on N workers); metrics with TRL names, ``eval_`` at eval steps."""
+def run_policy_job(start: PretrainedHandle, job: PolicyJob, p: PolicyParams
+                   ) -> tuple[Any, MetricsPayload]:
+    """Train from ``start`` (here or on N workers); metrics with TRL names, ``eval_`` at eval
+    steps."""
     t = p.train
-    model, result, _ = fit("policy", job, t.num_processes, t.backend, p.device, sft_model.load,
+    model, result, _ = fit("policy", job, t.num_processes, t.backend, p.device, start.load,
                            AutoModelForCausalLM.from_pretrained)
     hist = dict(result.history)
     eval_steps = [int(s) for s in hist.pop("eval_step", [])]
@@ -51,7 +53,7 @@ def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, token
     job = PolicyJob("dpo", str(sft_model.path), tokenizer.load().pad_token_id, p.model_dump(),
                     Split(*preference_items(tokenized, pairs, reference, "train")),
                     Split(*preference_items(tokenized, pairs, reference, "val")))
-    return _run(sft_model, job, p)
+    return run_policy_job(sft_model, job, p)
 
 
 def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
@@ -70,4 +72,4 @@ def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
                     Split(*group_items(tokenized, reference, targets, "train")),
                     Split(*group_items(tokenized, reference, targets, "val")),
                     Split(*preference_items(tokenized, pairs, reference, "val")))
-    return _run(sft_model, job, p)
+    return run_policy_job(sft_model, job, p)

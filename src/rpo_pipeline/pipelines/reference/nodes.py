@@ -28,10 +28,22 @@ SFT_VERSION = 1
 _KEYED = ["group_id", "response_index", "input_ids", "response_start"]
 
 
+def _sft_rows(tokenized: pd.DataFrame, sft_targets: pd.DataFrame, pairs: pd.DataFrame,
+              split: str, responses: str) -> pd.DataFrame:
+    """SFT examples of ``split``: the responses ``reference.sft.responses`` picks, then the
+    continuations of ``text`` groups (``tokenized_sft_targets``)."""
+    rows = select_examples(tokenized, pairs, [split], responses)
+    targets = sft_targets[sft_targets["split"] == split]
+    if targets.empty:
+        return rows
+    return pd.concat([rows, targets[rows.columns]], ignore_index=True)
+
+
 def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
-              pairs: pd.DataFrame, stored_fingerprint: str | None, params: dict[str, Any]
-              ) -> tuple[Fingerprinted | CacheHit, MetricsPayload]:
-    """Fine-tune the base model on the training responses (loss on response tokens only).
+              sft_targets: pd.DataFrame, pairs: pd.DataFrame, stored_fingerprint: str | None,
+              params: dict[str, Any]) -> tuple[Fingerprinted | CacheHit, MetricsPayload]:
+    """Fine-tune the base model on the training responses and the continuations of ``text``
+    groups (loss on response tokens only).
 
     Returns the stored model untouched when base model, tokenizer, training data and SFT parameters
     are unchanged (``reference.sft_cache_hit``). ``sft.steps: 0`` keeps the base model as π_ref.
@@ -40,7 +52,10 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     p = ReferenceParams.parse(params)
     sft = p.sft
     device = resolve_device(p.device)
-    train_rows = select_examples(tokenized, pairs, ["train"], sft.responses)
+    train_rows = _sft_rows(tokenized, sft_targets, pairs, "train", sft.responses)
+    if train_rows.empty and sft.steps > 0:
+        raise ValueError("reference.sft.steps > 0 but the train split has no responses and no text "
+                         "to fine-tune on")
     fp = fingerprint("sft", SFT_VERSION, Path(base_model.path), Path(tokenizer.path),
                      train_rows[_KEYED], result_params(sft.model_dump()), device.type,
                      resolve_precision(sft.precision, device))
@@ -53,7 +68,7 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     metrics: dict[str, float] = {"sft_cache_hit": 0}
     payload: MetricsPayload = {}
     if sft.steps > 0:
-        val_rows = select_examples(tokenized, pairs, ["val"], sft.responses)
+        val_rows = _sft_rows(tokenized, sft_targets, pairs, "val", sft.responses)
         job = SftJob(str(base_model.path), tokenizer.load().pad_token_id, p.model_dump(),
                      Split(list(zip(train_rows["input_ids"], train_rows["response_start"], strict=True)),
                            train_rows["length"].tolist()),

@@ -10,7 +10,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 train_sft,
-                inputs=["base_model", "tokenizer", "tokenized_examples", "preference_pairs",
+                inputs=["base_model", "tokenizer", "tokenized_examples", "tokenized_sft_targets",
+                        "preference_pairs",
                         "sft_model_stored_fingerprint", "params:reference"],
                 outputs=["sft_model", "reference_sft_metrics"],
                 name="train_sft",
