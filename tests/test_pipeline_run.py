@@ -69,6 +69,12 @@ TINY_RUN = {"base_model.model.n_layer": 1, "base_model.model.n_embd": 32, "base_
             "reference.sft.progress": False, "reference.device": "cpu"}
 
 
+TINY_ONLINE = {"rpo_online.prompts_per_round": 8, "rpo_online.sampling.n_samples": 2,
+               "rpo_online.sampling.max_new_tokens": 6, "rpo_online.train.steps": 2,
+               "rpo_online.train.batch_size": 4, "rpo_online.train.progress": False,
+               "rpo_online.device": "cpu"}
+
+
 def _reference_metrics(project):
     run = mlflow_runs(project)[0]
     return {k.removeprefix("reference."): v for k, v in run.data.metrics.items()
@@ -165,13 +171,14 @@ def test_evaluation_pipeline_compares_policies_with_the_reference(project_copy):
               "reward_model.device": "cpu", "reward_model.score.batch_size": 256,
               "dpo.train.steps": 2, "dpo.train.progress": False, "dpo.device": "cpu",
               "rpo.train.steps": 2, "rpo.train.progress": False, "rpo.device": "cpu",
+              **TINY_ONLINE,
               "evaluation.max_prompts": 6, "evaluation.sampling.n_samples": 3,
               "evaluation.sampling.max_new_tokens": 6, "evaluation.progress": False,
               "evaluation.device": "cpu"}
     run_kedro(project_copy, ["evaluation"], runtime_params=params)
     run = mlflow_runs(project_copy)[0]
     m = run.data.metrics
-    for policy in ("reference", "dpo", "rpo"):
+    for policy in ("reference", "dpo", "rpo", "rpo_online"):
         for name in ("gold_reward_mean", "rm_score_mean", "kl_to_reference", "win_rate_gold",
                      "win_rate_rm", "preference_accuracy", "length_mean", "distinct_2"):
             assert f"evaluation.{policy}.{name}" in m, (policy, name)
@@ -180,13 +187,14 @@ def test_evaluation_pipeline_compares_policies_with_the_reference(project_copy):
     assert 0 <= m["evaluation.dpo.gold_reward_mean"] <= 1 and m["evaluation.dpo.length_mean"] <= 6
 
     samples = pd.read_parquet(project_copy / "data/07_model_output/evaluation/scored_samples.parquet")
-    assert len(samples) == 3 * 6 * (3 + 1)  # policies x prompts x (samples + greedy)
+    assert len(samples) == 4 * 6 * (3 + 1)  # policies x prompts x (samples + greedy)
     assert samples.groupby("policy")["group_id"].nunique().eq(6).all()
     ref = samples[samples["policy"] == "reference"]
     assert (ref["logp"] == ref["ref_logp"]).all() and samples["rm"].notna().all()
     report = project_copy / "data/08_reporting"
     table = pd.read_csv(report / "evaluation_samples.csv")
-    assert len(table) == 6 and {"prompt", "reference", "dpo", "rpo", "dpo_gold"} <= set(table.columns)
+    assert len(table) == 6 and {"prompt", "reference", "dpo", "rpo", "rpo_online", "dpo_gold"} <= set(
+        table.columns)
     for png in ("training_curves.png", "reward_vs_kl.png", "win_rates.png"):
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
     assert "| dpo |" in (report / "evaluation_summary.md").read_text()
@@ -199,3 +207,80 @@ def test_evaluation_pipeline_compares_policies_with_the_reference(project_copy):
     # the policies' training histories travel with them, for the training-curve plot
     assert (project_copy / "data/06_models/dpo_policy/training_history.json").exists()
     assert (project_copy / "data/06_models/reward_model/training_history.json").exists()
+
+
+def test_online_rounds_log_per_round_metrics(project_copy):
+    """`kedro run --pipelines=rpo_online` with rpo_online.rounds=3 from --params: three rounds
+    unrolled, metrics per round, the last round's policy saved as rpo_online.policy_model."""
+    params = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
+              "reward_model.device": "cpu", **TINY_ONLINE, "rpo_online.rounds": 3}
+    run_kedro(project_copy, ["rpo_online"], runtime_params=params)
+    m = mlflow_runs(project_copy)[0].data.metrics
+    for r in (1, 2, 3):
+        assert {f"rpo_online.round_{r}.{k}" for k in ("loss", "sample_reward_mean", "prompts")} <= set(m)
+    assert m["rpo_online.round_3.prompts"] == 8 and "rpo_online.round_4.loss" not in m
+    models = project_copy / "data/06_models"
+    assert (models / "rpo_online_policy/model.safetensors").exists()
+    assert sorted(p.name for p in (models / "rpo_online").iterdir()) == ["round_1_policy",
+                                                                         "round_2_policy"]
+    samples = pd.read_parquet(project_copy / "data/07_model_output/rpo_online/round_3_samples.parquet")
+    assert len(samples) == 2 * 8 and samples["group_id"].nunique() == 8
+
+
+def test_generated_pipeline_trains_every_method_on_generated_preferences(project_copy):
+    """`--pipelines=generated` (tiny sizes): π_SFT's samples judged by VADER become the groups
+    that the reward model, dpo, rpo and rpo_online train on; evaluation on the test prompts."""
+    params = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
+              "reward_model.device": "cpu", "dpo.train.steps": 2, "dpo.train.progress": False,
+              "dpo.device": "cpu", "rpo.train.steps": 2, "rpo.train.progress": False,
+              "rpo.device": "cpu", **TINY_ONLINE,
+              "generate_preferences.max_prompts": 16, "generate_preferences.progress": False,
+              "generate_preferences.sampling.max_new_tokens": 8,
+              "generate_preferences.device": "cpu",
+              "evaluation.max_prompts": 4, "evaluation.sampling.n_samples": 2,
+              "evaluation.sampling.max_new_tokens": 6, "evaluation.progress": False,
+              "evaluation.device": "cpu"}
+    run_kedro(project_copy, ["generated"], runtime_params=params)
+    m = mlflow_runs(project_copy)[0].data.metrics
+    assert m["generate_preferences.groups"] == 32 and m["generate_preferences.responses"] == 128
+    gen = pd.read_parquet(project_copy / "data/03_primary/generated_preferences.parquet")
+    assert set(gen["split"]) == {"train", "val"} and gen["responses"].map(len).eq(4).all()
+    scores = pd.read_parquet(project_copy / "data/07_model_output/reward_scores.parquet")
+    assert len(scores) == 128  # the reward model scored the generated responses
+    cache = pd.read_parquet(project_copy / "data/07_model_output/reference_logprobs.parquet")
+    assert len(cache) == 128  # the generated responses' reference log-probs, one cache
+    for policy in ("dpo", "rpo", "rpo_online"):
+        assert f"evaluation.{policy}.gold_reward_mean" in m
+        assert f"evaluation.{policy}.preference_accuracy" not in m  # no test pairs generated
+
+
+def test_sweep_script_logs_each_point_under_one_parent_run(project_copy):
+    """scripts/sweep.py on a tiny config: two β, one nested MLflow run each, CSVs and the PNG."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    tiny = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
+            "reward_model.device": "cpu", "dpo.train.steps": 2, "dpo.train.progress": False,
+            "dpo.device": "cpu", "rpo.train.steps": 2, "rpo.train.progress": False,
+            "rpo.device": "cpu", **TINY_ONLINE, "evaluation.max_prompts": 4,
+            "evaluation.sampling.n_samples": 2, "evaluation.sampling.max_new_tokens": 6,
+            "evaluation.progress": False, "evaluation.device": "cpu"}
+    points = sweep.main(["--betas", "0.1", "0.5", "--project", str(project_copy), "--params",
+                         ",".join(f"{k}={v}" for k, v in tiny.items()), "--out", "results/fr"])
+    assert sorted(points["method"].unique()) == ["dpo", "reference", "rpo", "rpo_online"]
+    assert len(points) == 1 + 3 * 2 and (points["split"] == "val").all()
+    assert points.loc[points["method"] == "reference", "kl"].eq(0).all()
+    csv = pd.read_csv(project_copy / "results/fr.csv")
+    assert len(csv) == len(points) and (project_copy / "results/fr_matched.csv").exists()
+    assert (project_copy / "results/fr.png").read_bytes()[:4] == b"\x89PNG"
+    runs = mlflow_runs(project_copy)
+    parent = [r for r in runs if r.data.tags.get("sweep.parent") == "1"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert sorted(r.data.tags["sweep.beta"] for r in children) == ["0.1", "0.5"]
+    assert {r.data.params["dpo.beta"] for r in children} == {"0.1", "0.5"}
+    assert all(r.data.params["evaluation.split"] == "val" for r in children)

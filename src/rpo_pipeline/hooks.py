@@ -27,17 +27,18 @@ class ValidateParameters:
         if loader.runtime_params:
             sources.append("--params")
         params = validate_project_params(loader["parameters"], source=" + ".join(sources))
-        self._unroll_online_rounds(params.rpo_online.rounds)
+        self._shape_the_dag(params.rpo_online.rounds, params.generate_preferences.judge)
 
     @staticmethod
-    def _unroll_online_rounds(rounds: int) -> None:
-        """The registry unrolls ``rpo_online.rounds`` rounds (Kedro DAGs have no loops), so the
-        pipelines are built from this run's value; built ones with another value are rebuilt."""
+    def _shape_the_dag(rounds: int, judge: str) -> None:
+        """The registry unrolls ``rpo_online.rounds`` rounds (Kedro DAGs have no loops) and wires
+        ``generate_preferences.judge``, so the pipelines are built from this run's values; built
+        ones with other values are rebuilt."""
         from kedro.framework.project import pipelines
 
-        from rpo_pipeline.pipeline_registry import set_online_rounds
+        from rpo_pipeline.pipeline_registry import set_run_shape
 
-        if set_online_rounds(rounds):
+        if set_run_shape(rounds, judge):
             pipelines._is_data_loaded = False  # Kedro's lazy cache: rebuilt on next access
 
 

@@ -50,3 +50,28 @@ def sample_groups(prompts: pd.DataFrame, completions: Sequence[Sequence[Sequence
             rows.append((gid, k, "train", list(prompt) + list(c), len(prompt), len(c), lp))
     return pd.DataFrame(rows, columns=[*KEY, "split", "input_ids", "response_start", "tokens",
                                        "logp"])
+
+
+def scored_groups(groups: pd.DataFrame, samples: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Generated responses as canonical groups, the schema data_processing writes (plus split).
+
+    ``samples`` has group_id (the prompt's group), response_index, completion (text) and score (the
+    judge's). One group per prompt: its prompt, prompt_messages and split; responses and scores in
+    sample order; ``labeled_pair`` false (pairs come from the scores); ``source_file`` names the
+    generator (e.g. ``generated:sft_model``), ``source_row`` the prompt's source row. Identical
+    samples of one prompt are kept (they tie, so no pair is made of them; RPO needs K per group).
+    """
+    from rpo_pipeline.preference_data import GROUP_COLUMNS, group_id
+
+    by_prompt = groups.set_index("group_id")
+    s = samples.sort_values(["group_id", "response_index"], kind="stable")
+    recs = []
+    for gid, part in s.groupby("group_id", sort=False):
+        g = by_prompt.loc[gid]
+        responses = part["completion"].tolist()
+        recs.append({"group_id": group_id(g["prompt"], [*responses, source]),
+                     "prompt": g["prompt"], "prompt_messages": g["prompt_messages"],
+                     "responses": responses, "scores": [float(x) for x in part["score"]],
+                     "labeled_pair": False, "sft_target": None, "source_file": source,
+                     "source_row": int(g["source_row"]), "split": g["split"]})
+    return pd.DataFrame.from_records(recs, columns=[*GROUP_COLUMNS, "split"])

@@ -407,10 +407,33 @@ class RpoOnlineParams(RewardAwareParams):
         return self
 
 
+class GeneratePreferencesParams(Schema):
+    """Sample K responses per prompt of ``splits`` from π_SFT and score them with a judge."""
+
+    group: ClassVar[str] = "generate_preferences"
+    splits: Annotated[list[Literal[SPLITS]], Field(min_length=1)]
+    max_prompts: PosInt | None  # per split; null: every prompt
+    judge: Literal["gold", "reward_model"]  # gold: evaluation.gold_judge (vader by default)
+    sampling: SamplingConfig
+    device: Device
+    progress: bool
+    num_processes: PosInt
+    backend: Literal[BACKENDS]
+    precision: Literal[PRECISIONS]
+
+    @model_validator(mode="after")
+    def _groups_need_two_responses(self) -> GeneratePreferencesParams:
+        if self.sampling.n_samples < 2:
+            raise RuleError("sampling.n_samples", f"= {self.sampling.n_samples}: a preference needs "
+                            "at least 2 responses per prompt")
+        return self
+
+
 # ---- the whole tree -----------------------------------------------------------------------------
 GROUPS: dict[str, type[Schema]] = {
     m.group: m for m in (BaseModelParams, DataProcessingParams, ReferenceParams, RewardModelParams,
-                         DpoParams, RpoParams, RpoOnlineParams, EvaluationParams)
+                         DpoParams, RpoParams, RpoOnlineParams, EvaluationParams,
+                         GeneratePreferencesParams)
 }
 
 
@@ -425,6 +448,7 @@ class ProjectParams(Schema):
     rpo: RpoParams
     rpo_online: RpoOnlineParams
     evaluation: EvaluationParams
+    generate_preferences: GeneratePreferencesParams
 
     @model_validator(mode="after")
     def _sequences_fit_the_builtin_model(self) -> ProjectParams:
@@ -440,11 +464,19 @@ class ProjectParams(Schema):
             raise RuleError("data_processing.max_length", f"= {dp.max_length} exceeds "
                             f"base_model.model.n_positions = {positions}")
         for key, cfg in (("evaluation.sampling", sampling),
-                         ("rpo_online.sampling", self.rpo_online.sampling)):
+                         ("rpo_online.sampling", self.rpo_online.sampling),
+                         ("generate_preferences.sampling", self.generate_preferences.sampling)):
             if dp.max_prompt_length + cfg.max_new_tokens > positions:
                 raise RuleError(f"{key}.max_new_tokens", f"= {cfg.max_new_tokens} plus "
                                 f"data_processing.max_prompt_length = {dp.max_prompt_length} exceeds "
                                 f"base_model.model.n_positions = {positions}")
+        return self
+
+    @model_validator(mode="after")
+    def _gold_judge_exists(self) -> ProjectParams:
+        if self.generate_preferences.judge == "gold" and self.evaluation.gold_judge == "none":
+            raise RuleError("generate_preferences.judge", "is 'gold' but evaluation.gold_judge is "
+                            "'none': set a gold judge or judge: reward_model")
         return self
 
 

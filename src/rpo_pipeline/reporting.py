@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 
 from rpo_pipeline.params import EvaluationParams
 
-COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "rpo": "#d62728", "reward_model": "#2ca02c"}
+COLORS = {"reference": "#7f7f7f", "dpo": "#1f77b4", "rpo": "#d62728", "rpo_online": "#9467bd",
+          "reward_model": "#2ca02c"}
 METRIC_LABELS = {
     "gold_reward_mean": "gold reward (mean)", "rm_score_mean": "reward-model score (mean)",
     "kl_to_reference": "KL to reference (nats)", "win_rate_gold": "win rate vs ref (gold)",
@@ -169,3 +170,50 @@ def markdown_summary(metrics: pd.DataFrame, samples: pd.DataFrame, params: Evalu
             lines.append(f"  - {row.policy} (gold {row.gold:.2f}): {row.completion}")
     lines += ["", "Figures: `training_curves.png`, `reward_vs_kl.png`, `win_rates.png`.", ""]
     return "\n".join(lines)
+
+
+# ---- reward-KL frontiers (scripts/sweep.py) ------------------------------------------------------
+def frontier(points: pd.DataFrame) -> pd.DataFrame:
+    """Per method, its points sorted by KL (``method``, ``kl``, ``gold``, ...)."""
+    return points.sort_values(["method", "kl"], kind="stable").reset_index(drop=True)
+
+
+def gold_at_kl(points: pd.DataFrame, kl: np.ndarray) -> pd.DataFrame:
+    """Each method's gold reward linearly interpolated at the KLs ``kl`` (NaN outside the KL range
+    its points span: no extrapolation). One column per method, indexed by KL."""
+    out = {}
+    for method, part in frontier(points).groupby("method", sort=False):
+        x, y = part["kl"].to_numpy(float), part["gold"].to_numpy(float)
+        out[method] = np.interp(kl, x, y, left=np.nan, right=np.nan)
+    return pd.DataFrame(out, index=pd.Index(kl, name="kl"))
+
+
+def matched_kl(points: pd.DataFrame, n: int = 5) -> pd.DataFrame:
+    """Gold reward of every method at ``n`` KLs evenly spaced over the range all methods share."""
+    spans = points.groupby("method")["kl"].agg(["min", "max"])
+    lo, hi = spans["min"].max(), spans["max"].min()
+    if not lo < hi:
+        return gold_at_kl(points, np.array([]))
+    return gold_at_kl(points, np.linspace(lo, hi, n))
+
+
+def frontier_plot(points: pd.DataFrame, reference_gold: float | None = None,
+                  title: str = "gold reward vs KL") -> Figure:
+    """Gold reward against KL(π‖π_ref), one line per method through its sweep points (labelled by
+    β), in the style of the DPO paper's Fig. 2; the reference at KL 0."""
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    for i, (method, part) in enumerate(frontier(points).groupby("method", sort=False)):
+        ax.plot(part["kl"], part["gold"], "o-", color=_color(method, i), label=method)
+        for row in part.itertuples(index=False):
+            ax.annotate(f"β={row.beta:g}", (row.kl, row.gold), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7, color=_color(method, i))
+    if reference_gold is not None:
+        ax.plot([0], [reference_gold], "s", color=COLORS["reference"], label="reference (π_SFT)")
+    ax.set_xlabel(METRIC_LABELS["kl_to_reference"])
+    ax.set_ylabel(METRIC_LABELS["gold_reward_mean"])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -131,6 +131,9 @@ def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle
     """
     p = EvaluationParams.parse(params)
     chosen, rejected = pair_sides(tokenized, pairs, p.split)
+    if chosen.empty:  # e.g. preferences generated for train/val prompts only
+        log.info("no %s pairs: no preference accuracy", p.split)
+        return {name: float("nan") for name in [REFERENCE, *policies]}
     both = pd.concat([chosen, rejected], ignore_index=True)
     prompts = [list(ids[:s]) for ids, s in zip(both["input_ids"], both["response_start"], strict=True)]
     comps = [list(ids[s:]) for ids, s in zip(both["input_ids"], both["response_start"], strict=True)]

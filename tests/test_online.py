@@ -1,0 +1,173 @@
+"""Online RPO: round prompts, sample groups, the unrolled rounds, and one round that learns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import DEFAULT_DATA, base_params
+
+from rpo_pipeline.base_model import make_base_model
+from rpo_pipeline.datasets import PretrainedDirDataset
+from rpo_pipeline.online import round_prompts, sample_groups
+from rpo_pipeline.params import BaseModelParams, ParameterError, RpoOnlineParams
+from rpo_pipeline.preference_data import assign_splits, ingest, read_preference_files
+from rpo_pipeline.text_format import format_prompts, tokenize_prompts
+
+
+def _prompts(n_train: int) -> pd.DataFrame:
+    return pd.DataFrame({"group_id": [f"g{i:03d}" for i in range(n_train + 2)],
+                         "split": ["train"] * n_train + ["val", "test"],
+                         "prompt_ids": [[i, i + 1] for i in range(n_train + 2)]})
+
+
+def test_rounds_take_fresh_train_prompts_then_wrap():
+    prompts = _prompts(10)
+    r1, r2, r3 = (round_prompts(prompts, r, 4, seed=0)["group_id"].tolist() for r in (1, 2, 3))
+    assert len(set(r1)) == len(set(r2)) == 4 and not set(r1) & set(r2)
+    assert set(r1 + r2 + r3) == {f"g{i:03d}" for i in range(10)}  # 12 draws cover all 10, wrap
+    assert not {"g010", "g011"} & set(r1 + r2 + r3)  # never val or test
+    assert round_prompts(prompts, 1, 4, seed=0).equals(round_prompts(prompts, 1, 4, seed=0))
+    assert r1 != round_prompts(prompts, 1, 4, seed=1)["group_id"].tolist()
+    assert len(round_prompts(prompts, 1, 50, seed=0)) == 10  # more than there are: each once
+    with pytest.raises(ValueError, match="count from 1"):
+        round_prompts(prompts, 0, 4, seed=0)
+
+
+def test_sample_groups_are_laid_out_like_tokenized_examples():
+    prompts = pd.DataFrame({"group_id": ["a", "b"], "prompt_ids": [[1, 2], [3]]})
+    out = sample_groups(prompts, [[[7, 0], [8]], [[9, 9, 0], [5]]], [[-1.0, -2.0], [-3.0, -4.0]])
+    assert out[["group_id", "response_index"]].values.tolist() == [["a", 0], ["a", 1], ["b", 0],
+                                                                   ["b", 1]]
+    assert out["input_ids"].tolist() == [[1, 2, 7, 0], [1, 2, 8], [3, 9, 9, 0], [3, 5]]
+    assert out["response_start"].tolist() == [2, 2, 1, 1]
+    assert out["tokens"].tolist() == [2, 1, 3, 1] and (out["split"] == "train").all()
+
+
+def test_online_rounds_need_two_samples_per_prompt():
+    with pytest.raises(ParameterError, match=r"rpo_online\.sampling\.n_samples"):
+        RpoOnlineParams.parse(base_params("rpo_online", {"sampling.n_samples": 1}))
+
+
+def test_rounds_are_unrolled_in_order_without_cycles():
+    from rpo_pipeline.pipeline_registry import register_pipelines, run_shape, set_run_shape
+
+    before = run_shape()
+    try:
+        for rounds in (1, 3):
+            set_run_shape(rounds, "gold")
+            online = register_pipelines()["rpo_online"]
+            names = [n.name for n in online.nodes]  # topologically sorted: fails on a cycle
+            mine = [n for n in names if n.startswith("rpo_online.round_")]
+            expected = [f"rpo_online.round_{r}.{step}" for r in range(1, rounds + 1)
+                        for step in ("sample_round", "label_round", "train_round")]
+            assert sorted(mine) == sorted(expected)
+            assert [names.index(f"rpo_online.round_{r}.train_round") for r in range(1, rounds + 1)] \
+                == sorted(names.index(f"rpo_online.round_{r}.train_round")
+                          for r in range(1, rounds + 1))
+            assert "rpo_online.policy_model" in online.all_outputs()
+            by_name = {n.name: n for n in online.nodes}
+            first = by_name["rpo_online.round_1.sample_round"]
+            assert "sft_model" in first.inputs
+            for r in range(2, rounds + 1):
+                assert f"rpo_online.round_{r - 1}.policy_model" in \
+                    by_name[f"rpo_online.round_{r}.train_round"].inputs
+            last = by_name[f"rpo_online.round_{rounds}.train_round"]
+            assert "rpo_online.policy_model" in last.outputs
+    finally:
+        set_run_shape(**before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random GPT-2, its tokenizer and a 4-bit reward model on it (untrained head: any
+    fixed reward function will do to check that a round climbs it), saved to disk."""
+    from rpo_pipeline.reward_model import RewardModel, RewardModelConfig
+
+    root = tmp_path_factory.mktemp("online")
+    groups = ingest(read_preference_files(str(DEFAULT_DATA))).groups.head(200)
+    groups = assign_splits(groups, {"train": 0.8, "val": 0.1, "test": 0.1}, 0)
+    texts = [t for r in groups.itertuples() for t in [r.prompt, *r.responses]]
+    base = BaseModelParams.parse(base_params("base_model", {
+        "tokenizer.vocab_size": 512, "model": {"n_layer": 2, "n_embd": 64, "n_head": 2,
+                                               "n_positions": 96}}))
+    model, tok = make_base_model(base, ["prompt : [SEP] response :"] * 20 + texts)
+    PretrainedDirDataset(str(root / "policy")).save(model)
+    PretrainedDirDataset(str(root / "tokenizer"), load_class="transformers.AutoTokenizer").save(tok)
+    rm = RewardModel.for_training(RewardModelConfig(backbone_path=str(root / "policy"), lora_r=4,
+                                                    lora_alpha=8), seed=0, device="cpu")
+    PretrainedDirDataset(str(root / "reward_model")).save(rm)
+    prompts = tokenize_prompts(format_prompts(groups), tok, 32)
+    return root, prompts, groups
+
+
+def test_one_online_round_raises_the_reward_model_score_of_the_policy_samples(tiny):
+    from rpo_pipeline.pipelines.rpo_online.nodes import label_round, sample_round, train_round
+
+    root, prompts, _ = tiny
+    policy = PretrainedDirDataset(str(root / "policy")).load()
+    tok = PretrainedDirDataset(str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load()
+    rm = PretrainedDirDataset(str(root / "reward_model"),
+                              load_class="rpo_pipeline.reward_model.RewardModel").load()
+    params = base_params("rpo_online", {
+        "prompts_per_round": 48, "reward_normalization": "per_prompt", "sft_weight": 0.0,
+        "beta": 0.1, "device": "cpu", "sampling.max_new_tokens": 12,
+        "train": {**base_params("rpo_online")["train"], "steps": 24, "lr": 3e-3, "progress": False,
+                  "warmup_steps": 2}})
+
+    def rm_score_of_samples(handle, round_index):
+        s = sample_round(handle, tok, prompts, params, round_index=round_index)
+        return label_round(s, rm, policy, tok, {"mean": 0.0, "std": 1.0}, params)
+
+    labelled = rm_score_of_samples(policy, 1)
+    assert labelled["ref_logp"].lt(0).all() and labelled["target"].notna().all()
+    np.testing.assert_allclose(labelled["ref_logp"], labelled["logp"], atol=1e-3)  # π = π_ref
+    model, metrics = train_round(policy, tok, labelled, params, round_index=1)
+    assert metrics["sample_reward_mean"][0]["value"] == pytest.approx(labelled["reward"].mean())
+    PretrainedDirDataset(str(root / "round_1")).save(model)
+    trained = PretrainedDirDataset(str(root / "round_1")).load()
+    # samples on the same prompts with the same seed: only the policy differs, so compare paired
+    diff = rm_score_of_samples(trained, 1)["reward"].to_numpy() - labelled["reward"].to_numpy()
+    se = diff.std(ddof=1) / np.sqrt(len(diff))
+    assert diff.mean() > 3 * se, (diff.mean(), se)
+
+
+def test_generate_preferences_writes_the_canonical_schema(tiny):
+    from rpo_pipeline.pipelines.generate_preferences.nodes import (
+        judge_with_gold,
+        judge_with_reward_model,
+        sample_responses,
+    )
+    from rpo_pipeline.preference_data import GROUP_COLUMNS, groups_to_pairs
+    from rpo_pipeline.text_format import format_groups
+
+    root, prompts, groups = tiny
+    sft = PretrainedDirDataset(str(root / "policy")).load()
+    tok = PretrainedDirDataset(str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load()
+    rm = PretrainedDirDataset(str(root / "reward_model"),
+                              load_class="rpo_pipeline.reward_model.RewardModel").load()
+    params = base_params("generate_preferences", {"max_prompts": 6, "device": "cpu",
+                                                  "progress": False, "sampling.max_new_tokens": 8})
+    samples = sample_responses(sft, tok, prompts, params)
+    n_val = min(6, int((prompts["split"] == "val").sum()))
+    assert len(samples) == 4 * (6 + n_val)
+    for judge, (out, metrics) in {
+            "gold": judge_with_gold(samples, groups, base_params("evaluation")),
+            "reward_model": judge_with_reward_model(samples, groups, rm, tok, params)}.items():
+        assert list(out.columns) == [*GROUP_COLUMNS, "split"], judge
+        assert list(groups.columns) == [*GROUP_COLUMNS, "split"]  # what data_processing writes
+        assert set(out["split"]) == {"train", "val"} and len(out) == 6 + n_val
+        assert out["responses"].map(len).eq(4).all() and out["scores"].map(len).eq(4).all()
+        assert not out["labeled_pair"].any() and out["sft_target"].isna().all()
+        assert out["group_id"].is_unique and (out["source_file"] == "generated:sft_model").all()
+        src = groups.set_index("prompt")
+        assert (src.loc[out["prompt"], "split"].to_numpy() == out["split"].to_numpy()).all()
+        assert metrics["responses"][0]["value"] == 4 * len(out)
+        # data_processing's next steps take it as they take ingested groups
+        pairs = groups_to_pairs(out)
+        assert (pairs["score_chosen"] > pairs["score_rejected"]).all()
+        assert len(format_groups(out)) == 4 * len(out)
+    gold = judge_with_gold(samples, groups, base_params("evaluation"))[0]
+    texts = [t for r in gold["responses"] for t in r]
+    from rpo_pipeline.evaluation import vader_positivity
+    np.testing.assert_allclose([s for r in gold["scores"] for s in r], vader_positivity(texts))
