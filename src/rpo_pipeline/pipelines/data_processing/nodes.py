@@ -128,7 +128,8 @@ def summarize(groups: pd.DataFrame, pairs: pd.DataFrame, tokenized: pd.DataFrame
     m["examples"] = len(tokenized)
     m["prompt_truncated"] = int(tokenized["prompt_truncated"].sum())
     m["response_truncated"] = int(tokenized["response_truncated"].sum())
-    m["tokens_mean"] = float(tokenized["length"].mean())
-    m["tokens_max"] = int(tokenized["length"].max())
+    if len(tokenized):  # prompt-only and text data have no response rows
+        m["tokens_mean"] = float(tokenized["length"].mean())
+        m["tokens_max"] = int(tokenized["length"].max())
     log.info("data_processing summary: %s", m)
     return scalars(m)
