@@ -107,15 +107,22 @@ def nest_params(dotted: dict[str, Any] | None) -> dict[str, Any]:
     return nested
 
 
+def end_stale_runs() -> None:
+    """End the MLflow run an earlier in-process Kedro session left active; call it before the
+    tracking URI changes (the run is ended in the store it belongs to)."""
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
 def run_kedro(project: Path, pipelines: list[str], env: str | None = None,
               runtime_params: dict | None = None) -> dict:
     """Run pipelines in-process like `kedro run --pipelines=... --env=... --params=a.b=v,...`."""
-    import mlflow
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    while mlflow.active_run():  # a stale run from an earlier in-process session
-        mlflow.end_run()
+    end_stale_runs()
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env=env,
                              runtime_params=nest_params(runtime_params)) as s:

@@ -258,8 +258,9 @@ def test_sweep_script_logs_each_point_under_one_parent_run(project_copy):
     """scripts/sweep.py on a tiny config: two β, one nested MLflow run each, CSVs and the PNG."""
     import importlib.util
 
-    from conftest import ROOT
+    from conftest import ROOT, end_stale_runs
 
+    end_stale_runs()  # before the script points mlflow at this project's store
     spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)

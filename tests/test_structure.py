@@ -13,14 +13,17 @@ import pytest
 
 STAGES = {
     "data_processing": {"ingest_preferences", "split_by_prompt", "make_pairs", "build_base_model",
-                        "format_responses", "tokenize_responses", "summarize_data"},
+                        "format_responses", "tokenize_responses", "tokenize_prompts",
+                        "tokenize_sft_targets", "summarize_data"},
     "reference": {"train_sft", "build_reference_cache"},
     "reward_model": {"train_reward_model", "score_responses_with_reward_model",
                      "reward_normalization"},
     "dpo": {"dpo.train_policy"},
     "rpo": {"rpo.train_policy"},
+    "rpo_online": {f"rpo_online.round_{r}.{step}" for r in range(1, 5)  # rpo_online.rounds: 4
+                   for step in ("sample_round", "label_round", "train_round")},
     "evaluation": {"evaluation.sample_reference", "evaluation.sample_dpo", "evaluation.sample_rpo",
-                   "evaluation.score_samples", "evaluation.pair_accuracy",
+                   "evaluation.sample_rpo_online", "evaluation.score_samples", "evaluation.pair_accuracy",
                    "evaluation.summarize_evaluation", "evaluation.report_evaluation"},
 }
 # each stage's pipeline runs the stages it needs
@@ -28,7 +31,10 @@ NEEDS = {"data_processing": [], "reference": ["data_processing"],
          "reward_model": ["data_processing", "reference"],
          "dpo": ["data_processing", "reference"],
          "rpo": ["data_processing", "reference", "reward_model"],
+         "rpo_online": ["data_processing", "reference", "reward_model"],
          "evaluation": list(STAGES)}
+# preferences generated from π_SFT, and every later stage on them: not part of __default__
+GENERATED = {"generate_preferences", "generated"}
 LAYERS = ["raw", "intermediate", "primary", "feature", "model_input", "models", "model_output",
           "policies", "evaluation", "reporting"]  # in data-flow order (a cycle would show none)
 
@@ -41,7 +47,7 @@ def test_registry_has_every_pipeline_and_node():
     from kedro.framework.project import configure_project, pipelines
 
     configure_project("rpo_pipeline")
-    assert set(pipelines) == {*STAGES, "__default__"}
+    assert set(pipelines) == {*STAGES, *GENERATED, "__default__"}
     for name in STAGES:
         assert {n.name for n in pipelines[name].nodes} == expected_nodes(name), name
     assert {n.name for n in pipelines["__default__"].nodes} == set().union(*STAGES.values())
@@ -55,9 +61,9 @@ def test_kedro_viz_build_exports_every_pipeline_node_and_layer(project_copy: Pat
     subprocess.run([kedro, "viz", "build"], cwd=project_copy, env=env, check=True,
                    capture_output=True, timeout=300)
     main = json.loads((project_copy / "build" / "api" / "main").read_text())
-    assert {p["id"] for p in main["pipelines"]} == {*STAGES, "__default__"}
+    assert {p["id"] for p in main["pipelines"]} == {*STAGES, *GENERATED, "__default__"}
     task_names = {n["full_name"] for n in main["nodes"] if n["type"] == "task"}
-    assert task_names == set().union(*STAGES.values())
+    assert task_names == set().union(*STAGES.values())  # the default pipeline
     assert main["layers"] == LAYERS
     for name in STAGES:
         api = json.loads((project_copy / "build" / "api" / "pipelines" / name).read_text())
