@@ -112,6 +112,9 @@ TINY = {"reference.sft.steps": 3, "reference.sft.progress": False, "reference.de
         "dpo.train.steps": 2, "dpo.train.progress": False, "dpo.device": "cpu",
         "rpo.train.steps": 2, "rpo.train.progress": False, "rpo.device": "cpu",
         "dpo.lora.enabled": True, "rpo.lora.enabled": True,
+        "rpo_online.rounds": 1, "rpo_online.prompts_per_round": 8, "rpo_online.sampling.n_samples": 2,
+        "rpo_online.sampling.max_new_tokens": 5, "rpo_online.train.steps": 2,
+        "rpo_online.train.progress": False, "rpo_online.device": "cpu", "rpo_online.lora.enabled": True,
         "evaluation.max_prompts": 4, "evaluation.sampling.n_samples": 2,
         "evaluation.sampling.max_new_tokens": 5, "evaluation.progress": False, "evaluation.device": "cpu"}
 
@@ -123,7 +126,7 @@ def test_llama_checkpoint_with_its_chat_template_through_every_stage(project_cop
         **TINY, "base_model.name_or_path": str(checkpoints["llama"]), "data_processing.use_chat_template": True})
     run = mlflow_runs(project_copy)[0]
     assert run.info.status == "FINISHED"
-    for policy in ("reference", "dpo", "rpo"):
+    for policy in ("reference", "dpo", "rpo", "rpo_online"):
         assert f"evaluation.{policy}.gold_reward_mean" in run.data.metrics
     formatted = pd.read_parquet(project_copy / "data/04_feature/formatted_examples.parquet")
     assert formatted["prompt_text"].str.startswith("<|user|> ").all()
