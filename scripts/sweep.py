@@ -61,8 +61,6 @@ def sweep(project: Path, betas: list[float], methods: list[str], split: str = "v
           extra: list[str] | None = None, env: str | None = None,
           out: Path = Path("benchmarks/results/reward_vs_kl")) -> pd.DataFrame:
     """Run the grid; the frontier points (one row per method and β, plus the reference)."""
-    from rpo_pipeline.reporting import frontier_plot, matched_kl
-
     extra = extra or []
     client = _client(project)
     exp = client.get_experiment_by_name(EXPERIMENT) or client.get_experiment(
@@ -99,28 +97,37 @@ def sweep(project: Path, betas: list[float], methods: list[str], split: str = "v
     finally:
         points = pd.DataFrame(rows)
         if len(points):
-            out = project / out if not out.is_absolute() else out
-            out.parent.mkdir(parents=True, exist_ok=True)
-            points.to_csv(out.with_suffix(".csv"), index=False)
-            methods_only = points[points["method"] != "reference"]
-            ref = points.loc[points["method"] == "reference", "gold"]
-            matched = matched_kl(methods_only)
-            matched.to_csv(out.parent / f"{out.name}_matched.csv")
-            frontier_plot(methods_only, None if ref.empty else float(ref.iloc[0]),
-                          title=f"gold reward vs KL ({split} split)").savefig(
-                out.with_suffix(".png"), dpi=110)
-            for path in (out.with_suffix(".csv"), out.parent / f"{out.name}_matched.csv",
-                         out.with_suffix(".png")):
+            for path in write_results(points, project / out if not out.is_absolute() else out):
                 client.log_artifact(pid, str(path), "sweep")
-            print(points.to_string(index=False))
-            print("gold at matched KL:\n" + matched.to_string())
         client.set_terminated(pid, status)
     return points
 
 
+def write_results(points: pd.DataFrame, out: Path) -> list[Path]:
+    """``<out>.csv`` (the points), ``<out>_matched.csv`` (``reporting.matched_kl``) and
+    ``<out>.png`` (``reporting.frontier_plot``); their paths."""
+    from rpo_pipeline.reporting import frontier_plot, matched_kl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    methods = points[points["method"] != "reference"]
+    ref = points.loc[points["method"] == "reference", "gold"]
+    split = points["split"].iloc[0]
+    paths = [out.with_suffix(".csv"), out.parent / f"{out.name}_matched.csv", out.with_suffix(".png")]
+    points.to_csv(paths[0], index=False)
+    matched = matched_kl(methods)
+    matched.to_csv(paths[1], index=False)
+    frontier_plot(methods, None if ref.empty else float(ref.iloc[0]),
+                  title=f"gold reward vs KL ({split} split)").savefig(paths[2], dpi=110)
+    print(points.to_string(index=False))
+    print("gold at matched KL:\n" + matched.to_string(index=False))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--betas", type=float, nargs="+", required=True)
+    ap.add_argument("--betas", type=float, nargs="+")
+    ap.add_argument("--replot", type=Path, default=None,
+                    help="only redraw <out>_matched.csv and <out>.png from this points CSV")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--split", default="val", choices=("train", "val", "test"))
     ap.add_argument("--params", default="", help="more kedro --params, comma-separated a.b=v")
@@ -129,6 +136,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/reward_vs_kl"),
                     help="path stem of the CSV / PNG (relative to the project)")
     a = ap.parse_args(argv)
+    if a.replot is not None:
+        points = pd.read_csv(a.replot)
+        write_results(points, a.out if a.out.is_absolute() else a.project / a.out)
+        return points
+    if not a.betas:
+        ap.error("--betas is required (unless --replot)")
     extra = [p for p in a.params.split(",") if p]
     return sweep(a.project, a.betas, a.methods, a.split, extra, a.env, a.out)
 

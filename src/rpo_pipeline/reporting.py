@@ -189,12 +189,24 @@ def gold_at_kl(points: pd.DataFrame, kl: np.ndarray) -> pd.DataFrame:
 
 
 def matched_kl(points: pd.DataFrame, n: int = 5) -> pd.DataFrame:
-    """Gold reward of every method at ``n`` KLs evenly spaced over the range all methods share."""
+    """Every pair of methods compared at matched KL: ``n`` KLs evenly spaced over the KL range both
+    methods' points span, each method's gold reward interpolated there (``gold_at_kl``). One row
+    per pair and KL: method_a, method_b, kl, gold_a, gold_b, a_minus_b; a pair whose ranges do not
+    overlap gets one row with kl NaN (they cannot be compared without extrapolating)."""
     spans = points.groupby("method")["kl"].agg(["min", "max"])
-    lo, hi = spans["min"].max(), spans["max"].min()
-    if not lo < hi:
-        return gold_at_kl(points, np.array([]))
-    return gold_at_kl(points, np.linspace(lo, hi, n))
+    methods = list(dict.fromkeys(points["method"]))
+    rows = []
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            lo, hi = max(spans.loc[a, "min"], spans.loc[b, "min"]), min(spans.loc[a, "max"],
+                                                                         spans.loc[b, "max"])
+            kls = np.linspace(lo, hi, n) if lo < hi else np.array([np.nan])
+            gold = gold_at_kl(points[points["method"].isin([a, b])], kls)
+            for kl, ga, gb in zip(kls, gold[a], gold[b], strict=True):
+                rows.append({"method_a": a, "method_b": b, "kl": kl, "gold_a": ga, "gold_b": gb,
+                             "a_minus_b": ga - gb})
+    return pd.DataFrame(rows, columns=["method_a", "method_b", "kl", "gold_a", "gold_b",
+                                       "a_minus_b"])
 
 
 def frontier_plot(points: pd.DataFrame, reference_gold: float | None = None,
