@@ -390,6 +390,13 @@ class EvaluationParams(Schema):
         return self
 
 
+def _two_samples_per_prompt(sampling: SamplingConfig, why: str) -> None:
+    """Groups built from samples need K = ``sampling.n_samples`` ≥ 2."""
+    if sampling.n_samples < 2:
+        raise RuleError("sampling.n_samples", f"= {sampling.n_samples}: {why}, so K must be at "
+                        "least 2")
+
+
 class RpoOnlineParams(RewardAwareParams):
     """Online RPO: ``rounds`` x (sample K from the current policy on ``prompts_per_round`` fresh
     train prompts, score with the reward model, π_ref log-probs, ``train.steps`` RPO steps)."""
@@ -401,9 +408,7 @@ class RpoOnlineParams(RewardAwareParams):
 
     @model_validator(mode="after")
     def _groups_need_two_responses(self) -> RpoOnlineParams:
-        if self.sampling.n_samples < 2:
-            raise RuleError("sampling.n_samples", f"= {self.sampling.n_samples}: RPO compares the K "
-                            "responses of a prompt, so K must be at least 2")
+        _two_samples_per_prompt(self.sampling, "RPO compares the K responses of a prompt")
         return self
 
 
@@ -423,9 +428,7 @@ class GeneratePreferencesParams(Schema):
 
     @model_validator(mode="after")
     def _groups_need_two_responses(self) -> GeneratePreferencesParams:
-        if self.sampling.n_samples < 2:
-            raise RuleError("sampling.n_samples", f"= {self.sampling.n_samples}: a preference needs "
-                            "at least 2 responses per prompt")
+        _two_samples_per_prompt(self.sampling, "a preference needs two responses of a prompt")
         return self
 
 
