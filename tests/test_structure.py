@@ -17,14 +17,15 @@ STAGES = {
                         "tokenize_sft_targets", "summarize_data"},
     "reference": {"train_sft", "build_reference_cache"},
     "reward_model": {"train_reward_model", "score_responses_with_reward_model",
-                     "reward_normalization"},
+                     "reward_normalization", "package_reward_model"},
     "dpo": {"dpo.train_policy"},
     "rpo": {"rpo.train_policy"},
     "rpo_online": {f"rpo_online.round_{r}.{step}" for r in range(1, 5)  # rpo_online.rounds: 4
                    for step in ("sample_round", "label_round", "train_round")},
     "evaluation": {"evaluation.sample_reference", "evaluation.sample_dpo", "evaluation.sample_rpo",
                    "evaluation.sample_rpo_online", "evaluation.score_samples", "evaluation.pair_accuracy",
-                   "evaluation.summarize_evaluation", "evaluation.report_evaluation"},
+                   "evaluation.summarize_evaluation", "evaluation.report_evaluation",
+                   "evaluation.package_dpo", "evaluation.package_rpo", "evaluation.package_rpo_online"},
 }
 # each stage's pipeline runs the stages it needs
 NEEDS = {"data_processing": [], "reference": ["data_processing"],

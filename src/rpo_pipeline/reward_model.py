@@ -148,9 +148,14 @@ class RewardModel(torch.nn.Module):
         (Path(path) / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str = "cpu", **_: Any) -> RewardModel:
-        """A fresh copy for inference on ``device``: backbone (4-bit if saved so) + adapter + head."""
+    def from_pretrained(cls, path: str, device: str = "cpu", backbone_path: str | None = None,
+                        **_: Any) -> RewardModel:
+        """A fresh copy for inference on ``device``: backbone (4-bit if saved so) + adapter + head.
+        ``backbone_path`` replaces the saved one (a copy of the backbone elsewhere, e.g. an MLflow
+        Model's artifacts)."""
         config = RewardModelConfig(**json.loads((Path(path) / CONFIG_FILE).read_text()))
+        if backbone_path is not None:
+            config = replace(config, backbone_path=str(backbone_path))
         backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype,
                                  device_map=_device_map(device))
         backbone = PeftModel.from_pretrained(backbone, path, is_trainable=False)

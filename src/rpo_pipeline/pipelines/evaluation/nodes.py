@@ -22,7 +22,8 @@ from rpo_pipeline.evaluation import (
     preference_accuracy,
 )
 from rpo_pipeline.jobs import InferenceJob, infer
-from rpo_pipeline.params import EvaluationParams
+from rpo_pipeline.mlflow_models import POLICY, ModelBundle, text_format
+from rpo_pipeline.params import DataProcessingParams, EvaluationParams
 from rpo_pipeline.policy import pair_sides
 from rpo_pipeline.precision import resolve_precision
 from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, scalars
@@ -182,3 +183,17 @@ def report_evaluation(metrics: pd.DataFrame, samples: pd.DataFrame, reward_model
     return (reporting.training_curves(curves), reporting.reward_vs_kl(samples, metrics),
             reporting.win_rates(metrics),
             reporting.markdown_summary(metrics, samples, EvaluationParams.parse(params)))
+
+
+def package_policy(policy: PretrainedHandle, tokenizer: PretrainedHandle, metrics: pd.DataFrame,
+                   data_params: dict[str, Any], params: dict[str, Any], *, name: str) -> ModelBundle:
+    """Policy ``name`` as an MLflow Model (``rpo_pipeline.mlflow_models``): its weights and
+    tokenizer, the prompt template, the evaluation's sampling settings; its registered version is
+    tagged with its evaluation metrics."""
+    p = EvaluationParams.parse(params)
+    row = metrics.set_index("policy").loc[name]
+    tags = {f"evaluation.{m}": f"{row[m]:.6g}" for m in METRICS if pd.notna(row[m])}
+    return ModelBundle(POLICY, {"policy": str(policy.path), "tokenizer": str(tokenizer.path)},
+                       {"text_format": text_format(DataProcessingParams.parse(data_params)),
+                        "sampling": p.sampling.model_dump(), "device": p.device},
+                       tags | {"method": name, "evaluation.split": p.split})

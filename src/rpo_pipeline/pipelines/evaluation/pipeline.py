@@ -1,10 +1,18 @@
 """evaluation pipeline wiring (namespace ``evaluation``)."""
 
 from collections.abc import Sequence
+from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import pair_accuracy, report_evaluation, sample_policy, score_samples, summarize_evaluation
+from .nodes import (
+    package_policy,
+    pair_accuracy,
+    report_evaluation,
+    sample_policy,
+    score_samples,
+    summarize_evaluation,
+)
 
 SHARED = ["tokenizer", "tokenized_prompts", "tokenized_examples", "preference_groups", "preference_pairs", "sft_model",
           "reward_model"]
@@ -39,8 +47,14 @@ def create_pipeline(policies: Sequence[str] = ("dpo", "rpo", "rpo_online"), **kw
                      "reward_model": "reward_model", "params": "params:evaluation"} | policy_models,
              outputs=["training_curves_plot", "reward_vs_kl_plot", "win_rates_plot", "summary"],
              name="report_evaluation"),
+        *[Node(update_wrapper(partial(package_policy, name=p), package_policy),
+               inputs=[model, "tokenizer", "policy_metrics", "params:data_processing",
+                       "params:evaluation"],
+               outputs=f"{p}_mlflow_model", name=f"package_{p}")
+          for p, model in policy_models.items()],
     ])
     return Pipeline(template, namespace="evaluation",
                     inputs={**{s: s for s in SHARED},
                             **{f"{p}_policy_model": f"{p}.policy_model" for p in policies}},
-                    parameters={"params:evaluation"})
+                    outputs={f"{p}_mlflow_model": f"{p}.mlflow_model" for p in policies},
+                    parameters={"params:evaluation", "params:data_processing"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,9 +14,11 @@ import pandas as pd
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
 from rpo_pipeline.jobs import InferenceJob, RewardModelJob, Split, fit, infer
-from rpo_pipeline.params import RewardModelParams
+from rpo_pipeline.mlflow_models import REWARD_MODEL, ModelBundle, text_format
+from rpo_pipeline.params import DataProcessingParams, RewardModelParams
 from rpo_pipeline.precision import resolve_precision
 from rpo_pipeline.reward_model import (
+    CONFIG_FILE,
     RewardModel,
     RewardModelConfig,
     load_backbone,
@@ -148,3 +151,22 @@ def reward_normalization(scores: pd.DataFrame) -> tuple[dict[str, float], Metric
     stats = {"mean": float(train_r.mean()), "std": float(train_r.std(ddof=0)),
              "count": int(len(train_r))}
     return stats, scalars({"reward_train_mean": stats["mean"], "reward_train_std": stats["std"]})
+
+
+def package_reward_model(reward_model: PretrainedHandle, tokenizer: PretrainedHandle,
+                         data_params: dict[str, Any], params: dict[str, Any]) -> ModelBundle:
+    """The reward model as an MLflow Model (``rpo_pipeline.mlflow_models``): adapter + head, the
+    full-precision backbone it quantizes on load (when that is a local directory), the tokenizer
+    and the prompt template; its registered version is tagged with its val/test pair accuracy."""
+    p = RewardModelParams.parse(params)
+    backbone = json.loads((reward_model.path / CONFIG_FILE).read_text())["backbone_path"]
+    artifacts = {"reward_model": str(reward_model.path), "tokenizer": str(tokenizer.path)}
+    if Path(backbone).is_dir():
+        artifacts["backbone"] = backbone
+    history = reward_model.training_history()
+    tags = {f"reward_model.{k}": f"{history[k][-1]['value']:.6g}"
+            for k in ("val_accuracy", "test_accuracy", "val_loss") if history.get(k)}
+    return ModelBundle(REWARD_MODEL, artifacts,
+                       {"text_format": text_format(DataProcessingParams.parse(data_params)),
+                        "batch_size": p.score.batch_size, "device": p.device,
+                        "example_response": "was a delight from start to finish."}, tags)

@@ -2,7 +2,12 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import reward_normalization, score_responses_with_reward_model, train_reward_model
+from .nodes import (
+    package_reward_model,
+    reward_normalization,
+    score_responses_with_reward_model,
+    train_reward_model,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -28,6 +33,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs="reward_scores",
                 outputs=["reward_stats", "reward_model_stats_metrics"],
                 name="reward_normalization",
+            ),
+            Node(
+                package_reward_model,
+                inputs=["reward_model", "tokenizer", "params:data_processing", "params:reward_model"],
+                outputs="reward_model.mlflow_model",
+                name="package_reward_model",
             ),
         ]
     )

@@ -1,0 +1,88 @@
+"""The trained policies and the reward model as registered MLflow Models, loaded through pyfunc."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import mlflow_runs, run_kedro
+from test_pipeline_run import TINY_ONLINE, TINY_RUN
+
+from rpo_pipeline.mlflow_models import POLICY, ModelBundle
+
+pytestmark = pytest.mark.slow
+
+NAMES = ["rpo_pipeline.dpo_policy", "rpo_pipeline.reward_model", "rpo_pipeline.rpo_online_policy",
+         "rpo_pipeline.rpo_policy"]
+
+
+def test_bundle_names_the_missing_artifact():
+    with pytest.raises(ValueError, match=r"needs artifacts \['tokenizer'\]"):
+        ModelBundle(POLICY, {"policy": "x"}, {})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ModelBundle("critic", {}, {})
+
+
+def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy, tmp_path):
+    """After a tiny `kedro run --pipelines=evaluation`: the registry holds the three policies and
+    the reward model, one version each, tagged with their metrics and run. Loaded by name through
+    mlflow.pyfunc with the project's data folder gone, a policy reproduces its own evaluation
+    samples (same prompts, seed and settings) and differs from the reference's; the reward model's
+    scores equal the pipeline's reward_scores."""
+    import mlflow
+
+    params = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
+              "reward_model.device": "cpu", "dpo.train.steps": 4, "dpo.train.lr": 0.05,
+              "dpo.train.progress": False,
+              "dpo.device": "cpu", "rpo.train.steps": 2, "rpo.train.progress": False,
+              "rpo.device": "cpu", **TINY_ONLINE, "evaluation.max_prompts": 5,
+              "evaluation.sampling.max_new_tokens": 6, "evaluation.progress": False,
+              "evaluation.device": "cpu"}
+    run_kedro(project_copy, ["evaluation"], runtime_params=params)
+    run = mlflow_runs(project_copy)[0]
+    client = mlflow.MlflowClient()
+    assert sorted(m.name for m in client.search_registered_models()) == NAMES
+    for name in NAMES:
+        (version,) = client.search_model_versions(f"name='{name}'")
+        assert version.tags["run_id"] == run.info.run_id, name
+    (dpo,) = client.search_model_versions("name='rpo_pipeline.dpo_policy'")
+    assert float(dpo.tags["evaluation.gold_reward_mean"]) == pytest.approx(
+        run.data.metrics["evaluation.dpo.gold_reward_mean"], rel=1e-5)
+    (rm,) = client.search_model_versions("name='rpo_pipeline.reward_model'")
+    assert 0 <= float(rm.tags["reward_model.val_accuracy"]) <= 1
+
+    data = project_copy / "data"
+    groups = pd.read_parquet(data / "03_primary/preference_groups.parquet").set_index("group_id")
+    samples = {p: pd.read_parquet(data / f"07_model_output/evaluation/samples_{p}.parquet")
+               for p in ("dpo", "reference")}
+    scores = pd.read_parquet(data / "07_model_output/reward_scores.parquet").head(12)
+    tok_dir = data / "06_models/tokenizer"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    shutil.move(data, tmp_path / "moved")  # the models must not need the project's data
+
+    order = list(dict.fromkeys(samples["dpo"]["group_id"]))
+    prompts = pd.DataFrame({"prompt": groups.loc[order, "prompt"].tolist()})
+    policy = mlflow.pyfunc.load_model("models:/rpo_pipeline.dpo_policy/latest")
+    out = policy.predict(prompts)
+    assert list(out.columns) == ["prompt", "sample", "completion"] and len(out) == 5 * 2
+
+    def texts(table):  # the evaluation's sampled completions, decoded as the pyfunc decodes
+        s = table[table["sample"] >= 0].sort_values(["group_id", "sample"])
+        s = s.set_index("group_id").loc[order].reset_index()
+        return [tok.decode(list(c), skip_special_tokens=True).strip() for c in s["completion_ids"]]
+
+    assert out["completion"].tolist() == texts(samples["dpo"])
+    assert out["completion"].tolist() != texts(samples["reference"])
+    longer = policy.predict(prompts.head(2), params={"n_samples": 3, "seed": 5})
+    assert len(longer) == 6 and longer["sample"].tolist() == [0, 1, 2, 0, 1, 2]
+
+    reward = mlflow.pyfunc.load_model("models:/rpo_pipeline.reward_model/latest")
+    rows = pd.DataFrame({"prompt": groups.loc[scores["group_id"], "prompt"].tolist(),
+                         "response": [groups.loc[g, "responses"][k] for g, k in
+                                      zip(scores["group_id"], scores["response_index"], strict=True)]})
+    got = reward.predict(rows)["score"].to_numpy()
+    np.testing.assert_allclose(got, scores["reward"].to_numpy(), atol=1e-4)
