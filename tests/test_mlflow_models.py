@@ -42,6 +42,10 @@ def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy,
               "evaluation.device": "cpu"}
     run_kedro(project_copy, ["evaluation"], runtime_params=params)
     run = mlflow_runs(project_copy)[0]
+    tags = run.data.tags  # what the run ran, for search and compare (hooks.TagRuns)
+    assert tags["rpo_pipeline.pipelines"] == "evaluation" and tags["rpo_pipeline.env"] == "local"
+    assert tags["rpo_pipeline.methods"] == "dpo,rpo,rpo_online"
+    assert tags["mlflow.source.git.commit"] == "unknown"  # the test's project copy has no git
     client = mlflow.MlflowClient()
     assert sorted(m.name for m in client.search_registered_models()) == NAMES
     for name in NAMES:
@@ -86,3 +90,50 @@ def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy,
                                       zip(scores["group_id"], scores["response_index"], strict=True)]})
     got = reward.predict(rows)["score"].to_numpy()
     np.testing.assert_allclose(got, scores["reward"].to_numpy(), atol=1e-4)
+
+    # served over HTTP as the README says, offline: one request
+    _serve_one_request(project_copy, prompts.head(2))
+
+
+def _serve_one_request(project, prompts: pd.DataFrame) -> None:
+    """`mlflow models serve -m models:/rpo_pipeline.rpo_policy/latest --env-manager local`, one
+    /invocations request with params, the server stopped."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                               "models:/rpo_pipeline.rpo_policy/latest", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/ping", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                time.sleep(0.5)
+        body = json.dumps({"dataframe_split": {"columns": ["prompt"],
+                                               "data": [[p] for p in prompts["prompt"]]},
+                           "params": {"n_samples": 2, "max_new_tokens": 4}}).encode()
+        req = urllib.request.Request(url + "/invocations", body, {"Content-Type": "application/json"})
+        predictions = json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+        assert len(predictions) == 2 * len(prompts)
+        assert [p["sample"] for p in predictions] == [0, 1] * len(prompts)
+        assert all(isinstance(p["completion"], str) for p in predictions)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

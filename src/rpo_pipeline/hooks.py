@@ -1,7 +1,9 @@
-"""Project hooks: fail fast on configuration errors, and one run per project at a time."""
+"""Project hooks: fail fast on configuration errors, one run per project at a time, and tags on
+every MLflow run saying what it ran."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from kedro.config import MissingConfigException
@@ -87,3 +89,40 @@ class SerializeRuns:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+METHODS = ("dpo", "rpo", "rpo_online")
+
+
+def git_commit(project: Path) -> str:
+    """The project's git commit (``-dirty`` when tracked files changed), or ``unknown``."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class TagRuns:
+    """Tag the MLflow run that kedro-mlflow started (``trylast``: after its hook) with what it
+    runs, for the MLflow UI's search and compare views: ``rpo_pipeline.pipelines`` (the
+    ``--pipelines`` names), ``rpo_pipeline.methods`` (the policies it trains), ``rpo_pipeline.env``
+    (the Kedro env: the data and hardware configuration) and ``mlflow.source.git.commit``."""
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self, run_params, pipeline) -> None:
+        import mlflow
+
+        if mlflow.active_run() is None:  # tracking disabled for this pipeline
+            return
+        nodes = [n.name for n in pipeline.nodes]
+        methods = [m for m in METHODS if any(n.startswith(f"{m}.") for n in nodes)]
+        project = Path(run_params.get("project_path") or Path.cwd())
+        mlflow.set_tags({"rpo_pipeline.pipelines": ",".join(run_params.get("pipeline_names")
+                                                            or ["__default__"]),
+                         "rpo_pipeline.methods": ",".join(methods) or "none",
+                         "rpo_pipeline.env": run_params.get("env") or "local",
+                         "mlflow.source.git.commit": git_commit(project)})

@@ -1,10 +1,10 @@
 """Project settings (kedro-mlflow registers its hook through its entry point)."""
 
-from rpo_pipeline.hooks import SerializeRuns, ValidateParameters
+from rpo_pipeline.hooks import SerializeRuns, TagRuns, ValidateParameters
 
 # pluggy calls hooks of equal priority last-registered first: parameters are validated before the
 # MLflow store is prepared, so a bad setting touches nothing.
-HOOKS = (SerializeRuns(), ValidateParameters())
+HOOKS = (SerializeRuns(), ValidateParameters(), TagRuns())
 
 def gpu_count() -> int:
     import torch
