@@ -25,7 +25,8 @@ def test_bundle_names_the_missing_artifact():
         ModelBundle("critic", {}, {})
 
 
-def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy, tmp_path):
+def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy, tmp_path,
+                                                                  monkeypatch):
     """After a tiny `kedro run --pipelines=evaluation`: the registry holds the three policies and
     the reward model, one version each, tagged with their metrics and run. Loaded by name through
     mlflow.pyfunc with the project's data folder gone, a policy reproduces its own evaluation
@@ -93,6 +94,19 @@ def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy,
 
     # served over HTTP as the README says, offline: one request
     _serve_one_request(project_copy, prompts.head(2))
+
+    # a registered model seeds the next run: base model and reward-model backbone by models:/ URI
+    shutil.move(tmp_path / "moved", data)
+    dpo_weights = (data / "06_models/dpo_policy/model.safetensors").read_bytes()
+    monkeypatch.setenv("RPO_PIPELINE_CACHE", str(tmp_path / "cache"))
+    run_kedro(project_copy, ["reward_model"], runtime_params={
+        **params, "base_model.name_or_path": "models:/rpo_pipeline.dpo_policy/latest",
+        "reward_model.backbone": "models:/rpo_pipeline.dpo_policy/1"})
+    cached = tmp_path / "cache/models/rpo_pipeline.dpo_policy/v1"
+    assert (cached / "model.safetensors").read_bytes() == dpo_weights
+    assert (data / "06_models/base_model/model.safetensors").read_bytes() == dpo_weights
+    config = (data / "06_models/reward_model/reward_model.json").read_text()
+    assert f'"backbone_path": "{cached}"' in config
 
 
 def _serve_one_request(project, prompts: pd.DataFrame) -> None:

@@ -52,11 +52,16 @@ def build_tiny_gpt2(tokenizer: PreTrainedTokenizerFast, n_layer: int = 4, n_embd
 
 
 def load_pretrained(name_or_path: str, **load_args: Any) -> tuple[PreTrainedModel, Any]:
-    """Causal LM and its own tokenizer from a local directory or a Hub id.
+    """Causal LM and its own tokenizer from a local directory, a Hub id, or a ``models:/`` URI of
+    a policy or reward model this project registered (``mlflow_models.causal_lm_dir``).
 
     A tokenizer without a pad token gets its EOS token as pad (logged): padding is always masked
     (attention and loss masks come from lengths, never from the pad id), so sharing the id is safe.
     """
+    if name_or_path.startswith("models:/"):  # a registered policy or reward model of this project
+        from rpo_pipeline.mlflow_models import causal_lm_dir
+
+        name_or_path = causal_lm_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.eos_token is None:
         raise ValueError(f"{name_or_path}: the tokenizer has no EOS token; responses end with EOS, so "

@@ -212,3 +212,54 @@ def log_model(bundle: ModelBundle, name: str, registered_model_name: str | None 
 def load_model(model_uri: str, **kwargs: Any):
     """The pyfunc at ``model_uri`` (``models:/<name>/<version>``, ``runs:/...``)."""
     return mlflow.pyfunc.load_model(model_uri, **kwargs)
+
+
+MODELS_URI = "models:/"
+
+
+def causal_lm_dir(name_or_path: str, cache_dir: str | Path | None = None) -> str:
+    """A registered model (``models:/<name>/<version | alias | latest>``, as ``log_model``
+    registered it) as a local causal-LM directory that ``from_pretrained`` reads: a policy's
+    weights, or a reward model's backbone, with the tokenizer beside them. Downloaded once per
+    name and version under ``cache_dir`` (``$RPO_PIPELINE_CACHE`` or ``~/.cache/rpo_pipeline``).
+    Anything else (a directory, a Hub id) is returned unchanged."""
+    import os
+    import shutil
+    import tempfile
+
+    if not name_or_path.startswith(MODELS_URI):
+        return name_or_path
+    name, _, ref = name_or_path[len(MODELS_URI):].partition("/")
+    if not name or not ref:
+        raise ValueError(f"{name_or_path}: expected models:/<name>/<version | alias | latest>")
+    client = mlflow.MlflowClient()
+    if ref.isdigit():
+        version = ref
+    elif ref == "latest":
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise ValueError(f"{name_or_path}: no registered model {name!r} in {mlflow.get_registry_uri()}")
+        version = str(max(int(v.version) for v in versions))
+    else:
+        version = client.get_model_version_by_alias(name, ref).version
+    root = Path(cache_dir or os.environ.get("RPO_PIPELINE_CACHE", "~/.cache/rpo_pipeline")).expanduser()
+    target = root / "models" / name / f"v{version}"
+    if not (target / "config.json").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(f"{MODELS_URI}{name}/{version}",
+                                                             dst_path=tmp))
+            flavor = mlflow.models.Model.load(str(local)).flavors.get("python_function", {})
+            art = {k: local / v["path"] for k, v in flavor.get("artifacts", {}).items()}
+            weights = next((art[k] for k in ("policy", "backbone") if k in art), None)
+            if weights is None or "tokenizer" not in art:
+                raise ValueError(f"{name_or_path}: no causal LM with a tokenizer among its artifacts "
+                                 f"({sorted(art)}); a policy or a reward model logged by this project "
+                                 "has them")
+            staging = target.with_name(target.name + ".tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(art["tokenizer"], staging)
+            shutil.copytree(weights, staging, dirs_exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+    return str(target)

@@ -14,7 +14,7 @@ import pandas as pd
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
 from rpo_pipeline.jobs import InferenceJob, RewardModelJob, Split, fit, infer
-from rpo_pipeline.mlflow_models import REWARD_MODEL, ModelBundle, text_format
+from rpo_pipeline.mlflow_models import REWARD_MODEL, ModelBundle, causal_lm_dir, text_format
 from rpo_pipeline.params import DataProcessingParams, RewardModelParams
 from rpo_pipeline.precision import resolve_precision
 from rpo_pipeline.reward_model import (
@@ -32,7 +32,8 @@ RM_VERSION = 1
 
 
 def _backbone_path(choice: str, sft: PretrainedHandle, base: PretrainedHandle) -> str:
-    return {"sft": str(sft.path), "base": str(base.path)}.get(choice, choice)
+    """sft | base | a ``models:/`` URI of a registered model (downloaded) | a path or Hub id."""
+    return {"sft": str(sft.path), "base": str(base.path)}.get(choice, None) or causal_lm_dir(choice)
 
 
 def pair_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
