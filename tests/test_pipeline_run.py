@@ -203,7 +203,17 @@ def test_evaluation_pipeline_compares_policies_with_the_reference(project_copy):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/training_curves.png", "evaluation/reward_vs_kl.png", "evaluation/win_rates.png",
             "evaluation/evaluation_summary.md", "evaluation/evaluation_metrics.csv",
-            "evaluation/samples_table.json"} <= artifacts
+            "evaluation/samples_table.json", "evaluation/summary.json"} <= artifacts
+    # the summary table: one row per policy, the compare view charts its columns across runs
+    summary = mlflow.load_table("evaluation/summary.json", run_ids=[run.info.run_id])
+    assert sorted(summary["policy"]) == ["dpo", "reference", "rpo", "rpo_online"]
+    assert summary.set_index("policy").loc["dpo", "gold_reward_mean"] == pytest.approx(
+        m["evaluation.dpo.gold_reward_mean"])
+    # kedro-viz previews: the first rows of the report tables
+    from rpo_pipeline.datasets import ReportTableDataset
+
+    preview = ReportTableDataset(filepath=str(report / "evaluation_metrics.parquet")).preview(2)
+    assert preview["columns"][0] == "policy" and len(preview["data"]) == 2
     # the policies' training histories travel with them, for the training-curve plot
     assert (project_copy / "data/06_models/dpo_policy/training_history.json").exists()
     assert (project_copy / "data/06_models/reward_model/training_history.json").exists()

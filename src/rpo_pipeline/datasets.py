@@ -248,8 +248,10 @@ class StoredFingerprintDataset(AbstractDataset[None, str | None]):
 
 class ReportTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
     """A report table: Parquet at ``filepath``, a CSV copy beside it (same stem) for reading by
-    eye, and, with ``mlflow_artifact_file``, an MLflow table artifact (``mlflow.log_table``, shown
-    as a table in the MLflow UI) in the active run.
+    eye, and in the active MLflow run, with ``mlflow_artifact_file``, an MLflow table
+    (``mlflow.log_table``, shown as a table in the UI and charted by its compare view) and, with
+    ``mlflow_csv_artifact_path``, the CSV copy as a file artifact under that path. kedro-viz
+    previews its first rows (``metadata: kedro-viz: preview_args: {nrows: N}``).
 
     Example::
 
@@ -260,9 +262,11 @@ class ReportTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
     """
 
     def __init__(self, filepath: str, mlflow_artifact_file: str | None = None,
+                 mlflow_csv_artifact_path: str | None = None,
                  metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(filepath)
         self._artifact_file = mlflow_artifact_file
+        self._csv_artifact_path = mlflow_csv_artifact_path
         self.metadata = metadata
 
     def load(self) -> pd.DataFrame:
@@ -273,14 +277,21 @@ class ReportTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
             data.to_parquet(tmp, index=False)
         with atomic_file(self._path.with_suffix(".csv")) as tmp:
             data.to_csv(tmp, index=False)
-        if self._artifact_file is not None:
-            import mlflow
+        import mlflow
 
-            if mlflow.active_run() is not None:
+        if mlflow.active_run() is not None:
+            if self._artifact_file is not None:
                 mlflow.log_table(data=data, artifact_file=self._artifact_file)
+            if self._csv_artifact_path is not None:
+                mlflow.log_artifact(str(self._path.with_suffix(".csv")), self._csv_artifact_path)
+
+    def preview(self, nrows: int = 5) -> dict[str, Any]:
+        """kedro-viz's table preview: the first ``nrows`` rows, pandas' ``split`` orient."""
+        return self.load().head(nrows).to_dict(orient="split")
 
     def _exists(self) -> bool:
         return self._path.is_file()
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._path), "mlflow_artifact_file": self._artifact_file}
+        return {"filepath": str(self._path), "mlflow_artifact_file": self._artifact_file,
+                "mlflow_csv_artifact_path": self._csv_artifact_path}
