@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -17,6 +17,9 @@ from kedro.utils import load_obj
 from rpo_pipeline.atomic import atomic_dir, atomic_file
 from rpo_pipeline.fingerprint import FINGERPRINT_FILE, HISTORY_FILE, CacheHit, Fingerprinted, hash_dir
 from rpo_pipeline.preference_data import read_preference_files
+
+if TYPE_CHECKING:
+    from kedro_datasets._typing import TablePreview  # kedro-viz reads the annotation's name
 
 PARQUET_FINGERPRINT_KEY = b"rpo_pipeline.fingerprint"
 log = logging.getLogger(__name__)
@@ -285,7 +288,7 @@ class ReportTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
             if self._csv_artifact_path is not None:
                 mlflow.log_artifact(str(self._path.with_suffix(".csv")), self._csv_artifact_path)
 
-    def preview(self, nrows: int = 5) -> dict[str, Any]:
+    def preview(self, nrows: int = 5) -> TablePreview:
         """kedro-viz's table preview: the first ``nrows`` rows, pandas' ``split`` orient."""
         return self.load().head(nrows).to_dict(orient="split")
 
