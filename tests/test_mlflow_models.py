@@ -95,8 +95,11 @@ def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy,
     # served over HTTP as the README says, offline: one request
     _serve_one_request(project_copy, prompts.head(2))
 
-    # a registered model seeds the next run: base model and reward-model backbone by models:/ URI
+    # the notebook runs top to bottom against this run (the data back in place)
     shutil.move(tmp_path / "moved", data)
+    _run_notebook(project_copy, monkeypatch)
+
+    # a registered model seeds the next run: base model and reward-model backbone by models:/ URI
     dpo_weights = (data / "06_models/dpo_policy/model.safetensors").read_bytes()
     monkeypatch.setenv("RPO_PIPELINE_CACHE", str(tmp_path / "cache"))
     run_kedro(project_copy, ["reward_model"], runtime_params={
@@ -151,3 +154,21 @@ def _serve_one_request(project, prompts: pd.DataFrame) -> None:
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def _run_notebook(project, monkeypatch) -> None:
+    """notebooks/compare_policies.ipynb executed with nbclient: Kedro's IPython extension loads
+    the catalog, the registered dpo policy generates; every cell runs without error."""
+    import nbclient
+    import nbformat
+    from conftest import ROOT
+
+    nb = nbformat.read(ROOT / "notebooks/compare_policies.ipynb", as_version=4)
+    monkeypatch.setenv("RPO_PROJECT", str(project))
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "1")
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(project)}}).execute()
+    outputs = {i: c.get("outputs", []) for i, c in enumerate(nb.cells) if c.cell_type == "code"}
+    last = outputs[max(outputs)][-1]["data"]["text/plain"]
+    assert "completion" in last and "sample" in last  # the registered policy's completions
+    assert any("image/png" in o.get("data", {}) for out in outputs.values() for o in out)
