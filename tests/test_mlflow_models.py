@@ -61,7 +61,7 @@ def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy,
     data = project_copy / "data"
     groups = pd.read_parquet(data / "03_primary/preference_groups.parquet").set_index("group_id")
     samples = {p: pd.read_parquet(data / f"07_model_output/evaluation/samples_{p}.parquet")
-               for p in ("dpo", "reference")}
+               for p in ("dpo", "rpo", "rpo_online", "reference")}
     scores = pd.read_parquet(data / "07_model_output/reward_scores.parquet").head(12)
     tok_dir = data / "06_models/tokenizer"
     from transformers import AutoTokenizer
@@ -82,6 +82,9 @@ def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy,
 
     assert out["completion"].tolist() == texts(samples["dpo"])
     assert out["completion"].tolist() != texts(samples["reference"])
+    for name in ("rpo", "rpo_online"):  # every registered policy reproduces its own samples
+        got = mlflow.pyfunc.load_model(f"models:/rpo_pipeline.{name}_policy/1").predict(prompts)
+        assert got["completion"].tolist() == texts(samples[name]), name
     longer = policy.predict(prompts.head(2), params={"n_samples": 3, "seed": 5})
     assert len(longer) == 6 and longer["sample"].tolist() == [0, 1, 2, 0, 1, 2]
 
