@@ -48,7 +48,6 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 POLICY, REWARD_MODEL = "policy", "reward_model"
-SAMPLING_KEYS = ("n_samples", "temperature", "top_p", "top_k", "max_new_tokens", "batch_size", "seed")
 _PARAM_TYPES = {int: "long", float: "double"}
 # what the pyfuncs import; the rpo_pipeline package itself travels as the model's code
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "peft", "bitsandbytes", "accelerate",
@@ -165,8 +164,7 @@ def signature(bundle: ModelBundle) -> ModelSignature:
             inputs=Schema([ColSpec("string", "prompt")]),
             outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "sample"),
                             ColSpec("string", "completion")]),
-            params=ParamSchema([ParamSpec(k, _PARAM_TYPES[type(sampling[k])], sampling[k])
-                                for k in SAMPLING_KEYS]))
+            params=ParamSchema([ParamSpec(k, _PARAM_TYPES[type(v)], v) for k, v in sampling.items()]))
     return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
                           outputs=Schema([ColSpec("double", "score")]),
                           params=ParamSchema([ParamSpec("batch_size", "long",
