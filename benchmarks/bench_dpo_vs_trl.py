@@ -47,12 +47,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, Traine
 
 from rpo_pipeline.evaluation import generate
 from rpo_pipeline.jobs import disable_dropout
-from rpo_pipeline.losses import preference_loss, reward_aware_loss
+from rpo_pipeline.losses import preference_loss_fn, reward_aware_loss_fn
 from rpo_pipeline.params import SamplingConfig
 from rpo_pipeline.policy import group_collate, group_items, policy_collate, preference_items
 from rpo_pipeline.precision import cpu_matmul_gflops, resolve_precision
-from rpo_pipeline.reference import reference_table, score_responses
-from rpo_pipeline.scoring import ResponseLogprobs
+from rpo_pipeline.reference import reference_table, response_logps
+from rpo_pipeline.scoring import ResponseLogps
 from rpo_pipeline.training import TrainConfig, iterate_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def ours(path: Path, items, lengths, collate, loss_fn, steps: int, batch: int,
          precision: str) -> float:
     model = AutoModelForCausalLM.from_pretrained(path)
     disable_dropout(model)
-    res = train(ResponseLogprobs(model), items, lengths, collate, loss_fn,
+    res = train(ResponseLogps(model), items, lengths, collate, loss_fn,
                 train_config(steps, batch, precision))
     return steps * batch / res.seconds
 
@@ -150,7 +150,7 @@ def flops_per_item(path: Path, items, lengths, collate, loss_fn, batch: int, n: 
     """Forward + backward FLOPs per item as executed, over the first ``n`` batches of the run."""
     lm = AutoModelForCausalLM.from_pretrained(path)
     disable_dropout(lm)
-    model = ResponseLogprobs(lm)
+    model = ResponseLogps(lm)
     batches = iterate_batches(len(items), lengths, batch, 0)
     total, seen = 0.0, 0
     for _ in range(n):
@@ -205,7 +205,7 @@ def reference_cache_rate(path: Path, tokenized: pd.DataFrame, pad: int) -> tuple
     rows = tokenized[tokenized["split"].isin(["train", "val"])].reset_index(drop=True)
     model = AutoModelForCausalLM.from_pretrained(path)
     t0 = time.perf_counter()
-    logp, n = score_responses(model, rows["input_ids"].tolist(), rows["response_start"].tolist(),
+    logp, n = response_logps(model, rows["input_ids"].tolist(), rows["response_start"].tolist(),
                               pad, batch_size=64, device="cpu", progress=False)
     seconds = time.perf_counter() - t0
     return len(rows) / seconds, reference_table(rows, logp, n)
@@ -247,8 +247,8 @@ def bench_model(name: str, tmp: Path, args, mach: dict[str, Any]) -> dict[str, A
     chosen = list(zip(train_pairs["group_id"], train_pairs["chosen_index"], strict=True))
     rejected = list(zip(train_pairs["group_id"], train_pairs["rejected_index"], strict=True))
     ds = trl_dataset(train_pairs, chosen, rejected)
-    tokens = float(np.mean([len(i[0]) + len(i[2]) for i in items]))
-    prompt_tokens = float(np.mean([i[1] for i in items]))
+    tokens = float(np.mean([len(i.chosen_input_ids) + len(i.rejected_input_ids) for i in items]))
+    prompt_tokens = float(np.mean([i.chosen_response_start for i in items]))
 
     # RPO, K = 4 responses per prompt (targets: a fixed function of the ids; speed only)
     targets = tokenized[["group_id", "response_index"]].assign(
@@ -258,8 +258,8 @@ def bench_model(name: str, tmp: Path, args, mach: dict[str, Any]) -> dict[str, A
     g_items, g_lengths = g_items[: args.steps * k_groups], g_lengths[: args.steps * k_groups]
 
     precision = resolve_precision("auto", torch.device("cpu"))
-    dpo_loss = preference_loss("sigmoid", BETA)
-    rpo_loss = reward_aware_loss("bwd_kl", 0.05, 1.0)
+    dpo_loss = preference_loss_fn("sigmoid", BETA)
+    rpo_loss = reward_aware_loss_fn("bwd_kl", 0.05, 1.0)
     runs: dict[str, list[float]] = {"ours": [], "rpo_k4_shared": [], "rpo_k4_unshared": []}
     runs |= {f"trl_{s}": [] for s in TRL_SETTINGS}
     errors: dict[str, str] = {}

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from rpo_pipeline.base_model import train_bpe_tokenizer
-from rpo_pipeline.preference_data import assign_splits, ingest, read_preference_files, write_jsonl
+from rpo_pipeline.datasets import read_preference_files, write_jsonl
+from rpo_pipeline.preference_groups import assign_splits, ingest
 from rpo_pipeline.text_format import format_groups, tokenize_examples
 
 WORDS = ("the a of to and in is that it for you was with on as have be at not this but they by "

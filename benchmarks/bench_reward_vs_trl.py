@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from rpo_pipeline.base_model import BUILTIN_TINY_GPT2, make_base_model
-from rpo_pipeline.losses import reward_pair_loss
+from rpo_pipeline.datasets import read_preference_files
+from rpo_pipeline.losses import reward_pair_loss_fn
 from rpo_pipeline.params import BaseModelParams
-from rpo_pipeline.pipelines.reward_model.nodes import pair_items
-from rpo_pipeline.preference_data import assign_splits, groups_to_pairs, ingest, read_preference_files
-from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, pair_collate
+from rpo_pipeline.preference_groups import assign_splits, groups_to_pairs, ingest
+from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, pair_collate, reward_pair_items
 from rpo_pipeline.text_format import format_groups, tokenize_examples
 from rpo_pipeline.training import TrainConfig, evaluate, train
 
@@ -66,8 +66,8 @@ def main() -> None:
                              chat_template=None, load_args={})
     model, tok = make_base_model(params, ["prompt : [SEP] response :"] * 20 + texts)
     tokenized = tokenize_examples(format_groups(groups), tok, 96, 128)
-    items, lengths, _ = pair_items(tokenized, pairs, "train")
-    test_items, test_lengths, _ = pair_items(tokenized, pairs, "test")
+    items, lengths = reward_pair_items(tokenized, pairs, "train")
+    test_items, test_lengths = reward_pair_items(tokenized, pairs, "test")
     print(f"{'full-precision LoRA' if args.full_precision else '4-bit NF4 + LoRA'}; "
           f"HH helpful-base: {len(items)} train pairs, {len(test_items)} test pairs "
           f"(split by prompt), {args.steps} steps x {args.batch} pairs, lr {args.lr}")
@@ -81,7 +81,7 @@ def main() -> None:
         cfg = RewardModelConfig(backbone_path=tmp, lora_r=16, lora_alpha=32, target_modules=TARGETS,
                                 load_in_4bit=four_bit)
         ours = RewardModel.for_training(cfg, seed=0)
-        col, loss_fn = pair_collate(tok.pad_token_id), reward_pair_loss()
+        col, loss_fn = pair_collate(tok.pad_token_id), reward_pair_loss_fn()
         t0 = time.perf_counter()
         train(ours, items, lengths, col, loss_fn,
               TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, grad_accum=1,

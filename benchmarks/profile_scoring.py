@@ -10,8 +10,8 @@ Three ways to compute the summed response log-probs of a DPO batch (16 pairs = 3
 the default train data, the same batches for all three), each timed as forward + backward of the
 DPO loss (training) and as a no-grad forward (the reference cache, reward and evaluation scoring):
 
-- ``before``: the computation before issue 13 (``batching.response_logprobs`` at e1544b4, kept as
-  ``ResponseLogprobs(full_logits=True)`` on whole rows): one padded row per sequence, logits over
+- ``before``: the computation before issue 13 (``batching.batch_response_logps`` at e1544b4, kept as
+  ``ResponseLogps(full_logits=True)`` on whole rows): one padded row per sequence, logits over
   the whole vocabulary at every position, cross-entropy against the next token, masked;
 - ``sliced``: LM head only at the positions that predict a response token (``scoring``), every
   sequence still carrying its own copy of the prompt (``share=False``);
@@ -39,10 +39,10 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rpo_pipeline.jobs import disable_dropout
-from rpo_pipeline.losses import preference_loss
+from rpo_pipeline.losses import preference_loss_fn
 from rpo_pipeline.policy import policy_collate, preference_items
-from rpo_pipeline.reference import reference_table, score_responses
-from rpo_pipeline.scoring import ResponseLogprobs
+from rpo_pipeline.reference import reference_table, response_logps
+from rpo_pipeline.scoring import ResponseLogps
 from rpo_pipeline.training import iterate_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,13 +89,13 @@ def run_model(name: str, tmp: Path, args) -> dict:
     info = params_of(lm)
     pad = tok.pad_token_id
     rows = tokenized[tokenized["split"] == "train"].reset_index(drop=True)
-    logp, n = score_responses(lm, rows["input_ids"].tolist(), rows["response_start"].tolist(), pad,
+    logp, n = response_logps(lm, rows["input_ids"].tolist(), rows["response_start"].tolist(), pad,
                               batch_size=64, device="cpu", progress=False)
     items, lengths = preference_items(tokenized, pairs, reference_table(rows, logp, n), "train")
     data = batches_for(items, lengths, pad, args.batch, args.batches)
-    models = {"before": ResponseLogprobs(lm, full_logits=True), "sliced": ResponseLogprobs(lm),
-              "shared": ResponseLogprobs(lm)}
-    loss_fn = preference_loss("sigmoid", 0.1)
+    models = {"before": ResponseLogps(lm, full_logits=True), "sliced": ResponseLogps(lm),
+              "shared": ResponseLogps(lm)}
+    loss_fn = preference_loss_fn("sigmoid", 0.1)
     for v in VARIANTS:  # warm-up
         step(models[v], data[v][:1], loss_fn, True)
     times = {f"{mode}_{v}": [] for mode in ("train", "score") for v in VARIANTS}

@@ -1,4 +1,4 @@
-"""Subprocess used by test_scale_out.py: DPO on 2 worker processes with checkpoints, then save the
+"""Subprocess used by test_jobs.py: DPO on 2 worker processes with checkpoints, then save the
 final weights.
 
     python tests/scale_worker.py OUT_DIR STEPS RESUME(0|1)
@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import base_params
+from helpers import base_params
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rpo_pipeline.jobs import PolicyJob, Split, fit
+from rpo_pipeline.policy import PreferencePair
 
 
 def main(out: str, steps: int, resume: bool) -> None:
@@ -27,7 +28,7 @@ def main(out: str, steps: int, resume: bool) -> None:
     for _ in range(64):
         w, lo = (torch.randint(2, 64, (int(n),), generator=g).tolist()
                  for n in torch.randint(6, 30, (2,), generator=g))
-        items.append((w, 3, lo, 3, -3.5 * len(w), -3.6 * len(lo)))
+        items.append(PreferencePair(w, 3, lo, 3, -3.5 * len(w), -3.6 * len(lo)))
     data = Split(items, [max(len(i[0]), len(i[2])) for i in items])
     params = base_params("dpo", {"train.steps": steps, "train.batch_size": 4, "train.grad_accum": 2,
                                  "train.warmup_steps": 2, "train.log_every": 5, "train.eval_every": 0,

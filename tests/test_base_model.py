@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import base_params
+from helpers import base_params
 
 from rpo_pipeline.base_model import make_base_model
 from rpo_pipeline.datasets import PretrainedDirDataset
@@ -30,8 +30,8 @@ def test_builtin_model_matches_config_and_is_seeded():
 
 def test_pretrained_dir_roundtrip_safetensors(tmp_path):
     model, tok = make_base_model(PARAMS, TEXTS)
-    mds = PretrainedDirDataset(str(tmp_path / "m"))
-    tds = PretrainedDirDataset(str(tmp_path / "t"), load_class="transformers.AutoTokenizer")
+    mds = PretrainedDirDataset(filepath=str(tmp_path / "m"))
+    tds = PretrainedDirDataset(filepath=str(tmp_path / "t"), load_class="transformers.AutoTokenizer")
     assert not mds.exists()
     mds.save(model)
     tds.save(tok)
@@ -46,7 +46,7 @@ def test_pretrained_dir_roundtrip_safetensors(tmp_path):
 
 def test_interrupted_save_keeps_the_previous_directory(tmp_path):
     model, _ = make_base_model(PARAMS, TEXTS)
-    ds = PretrainedDirDataset(str(tmp_path / "m"))
+    ds = PretrainedDirDataset(filepath=str(tmp_path / "m"))
     ds.save(model)
     before = sorted(p.name for p in (tmp_path / "m").iterdir())
 

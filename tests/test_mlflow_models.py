@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import mlflow_runs, run_kedro
+from helpers import mlflow_runs, run_kedro
 from test_pipeline_run import TINY_ONLINE, TINY_RUN
 
 from rpo_pipeline.mlflow_models import POLICY, ModelBundle
@@ -164,7 +164,7 @@ def _run_notebook(project, monkeypatch) -> None:
     the catalog, the registered dpo policy generates; every cell runs without error."""
     import nbclient
     import nbformat
-    from conftest import ROOT
+    from helpers import ROOT
 
     nb = nbformat.read(ROOT / "notebooks/compare_policies.ipynb", as_version=4)
     monkeypatch.setenv("RPO_PROJECT", str(project))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DEFAULT_DATA, base_params
+from helpers import DEFAULT_DATA, base_params
 
 from rpo_pipeline.base_model import make_base_model
-from rpo_pipeline.datasets import PretrainedDirDataset
+from rpo_pipeline.datasets import PretrainedDirDataset, read_preference_files
 from rpo_pipeline.online import round_prompts, sample_groups
 from rpo_pipeline.params import BaseModelParams, ParameterError, RpoOnlineParams
-from rpo_pipeline.preference_data import assign_splits, ingest, read_preference_files
+from rpo_pipeline.preference_groups import assign_splits, ingest
 from rpo_pipeline.text_format import format_prompts, tokenize_prompts
 
 
@@ -92,11 +92,11 @@ def tiny(tmp_path_factory):
         "tokenizer.vocab_size": 512, "model": {"n_layer": 2, "n_embd": 64, "n_head": 2,
                                                "n_positions": 96}}))
     model, tok = make_base_model(base, ["prompt : [SEP] response :"] * 20 + texts)
-    PretrainedDirDataset(str(root / "policy")).save(model)
-    PretrainedDirDataset(str(root / "tokenizer"), load_class="transformers.AutoTokenizer").save(tok)
+    PretrainedDirDataset(filepath=str(root / "policy")).save(model)
+    PretrainedDirDataset(filepath=str(root / "tokenizer"), load_class="transformers.AutoTokenizer").save(tok)
     rm = RewardModel.for_training(RewardModelConfig(backbone_path=str(root / "policy"), lora_r=4,
                                                     lora_alpha=8), seed=0, device="cpu")
-    PretrainedDirDataset(str(root / "reward_model")).save(rm)
+    PretrainedDirDataset(filepath=str(root / "reward_model")).save(rm)
     prompts = tokenize_prompts(format_prompts(groups), tok, 32)
     return root, prompts, groups
 
@@ -105,9 +105,9 @@ def test_one_online_round_raises_the_reward_model_score_of_the_policy_samples(ti
     from rpo_pipeline.pipelines.rpo_online.nodes import label_round, sample_round, train_round
 
     root, prompts, _ = tiny
-    policy = PretrainedDirDataset(str(root / "policy")).load()
-    tok = PretrainedDirDataset(str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load()
-    rm = PretrainedDirDataset(str(root / "reward_model"),
+    policy = PretrainedDirDataset(filepath=str(root / "policy")).load()
+    tok = PretrainedDirDataset(filepath=str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load()
+    rm = PretrainedDirDataset(filepath=str(root / "reward_model"),
                               load_class="rpo_pipeline.reward_model.RewardModel").load()
     params = base_params("rpo_online", {
         "prompts_per_round": 48, "reward_normalization": "per_prompt", "sft_weight": 0.0,
@@ -122,10 +122,11 @@ def test_one_online_round_raises_the_reward_model_score_of_the_policy_samples(ti
     labelled = rm_score_of_samples(policy, 1)
     assert labelled["ref_logp"].lt(0).all() and labelled["target"].notna().all()
     np.testing.assert_allclose(labelled["ref_logp"], labelled["logp"], atol=1e-3)  # π = π_ref
-    model, metrics = train_round(policy, tok, labelled, params, round_index=1)
+    model, history, metrics = train_round(policy, tok, labelled, params, round_index=1)
+    assert history["loss"] and set(history) < set(metrics)  # the history is the curves only
     assert metrics["sample_reward_mean"][0]["value"] == pytest.approx(labelled["reward"].mean())
-    PretrainedDirDataset(str(root / "round_1")).save(model)
-    trained = PretrainedDirDataset(str(root / "round_1")).load()
+    PretrainedDirDataset(filepath=str(root / "round_1")).save(model)
+    trained = PretrainedDirDataset(filepath=str(root / "round_1")).load()
     # samples on the same prompts with the same seed: only the policy differs, so compare paired
     diff = rm_score_of_samples(trained, 1)["reward"].to_numpy() - labelled["reward"].to_numpy()
     se = diff.std(ddof=1) / np.sqrt(len(diff))
@@ -138,13 +139,13 @@ def test_generate_preferences_writes_the_canonical_schema(tiny):
         judge_with_reward_model,
         sample_responses,
     )
-    from rpo_pipeline.preference_data import GROUP_COLUMNS, groups_to_pairs
+    from rpo_pipeline.preference_groups import GROUP_COLUMNS, groups_to_pairs
     from rpo_pipeline.text_format import format_groups
 
     root, prompts, groups = tiny
-    sft = PretrainedDirDataset(str(root / "policy")).load()
-    tok = PretrainedDirDataset(str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load()
-    rm = PretrainedDirDataset(str(root / "reward_model"),
+    sft = PretrainedDirDataset(filepath=str(root / "policy")).load()
+    tok = PretrainedDirDataset(filepath=str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load()
+    rm = PretrainedDirDataset(filepath=str(root / "reward_model"),
                               load_class="rpo_pipeline.reward_model.RewardModel").load()
     params = base_params("generate_preferences", {"max_prompts": 6, "device": "cpu",
                                                   "progress": False, "sampling.max_new_tokens": 8})

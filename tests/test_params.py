@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, base_params, nest_params
+from helpers import ROOT, base_params, nest_params
 
 from rpo_pipeline.params import GROUPS, DpoParams, ParameterError, validate_project_params
 

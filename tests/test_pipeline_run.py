@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
-from conftest import mlflow_runs, run_kedro, shared_file
+from helpers import mlflow_runs, run_kedro, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -118,10 +120,23 @@ def test_reward_model_pipeline_trains_scores_and_hits(project_copy):
     stats = __import__("json").loads((project_copy / "data/07_model_output/reward_stats.json").read_text())
     assert stats["count"] == (scores["split"] == "train").sum() and stats["std"] > 0
 
+    history_file = project_copy / "data/08_reporting/training_history/reward_model.json"
+    history = json.loads(history_file.read_text())
+    assert history["data"]["val_accuracy"][0]["value"] == pytest.approx(m["val_accuracy"])
+    assert history["fingerprint"] == json.loads(
+        (project_copy / "data/06_models/reward_model/fingerprint.json").read_text())["fingerprint"]
+    mtime = history_file.stat().st_mtime_ns
+
     run_kedro(project_copy, ["reward_model"], runtime_params=params)
     again = {k: v for k, v in mlflow_runs(project_copy)[0].data.metrics.items()}
     assert again["reward_model.cache_hit"] == 1 and again["reward_model.score_cache_hit"] == 1
     assert again["reference.sft_cache_hit"] == 1
+    assert history_file.stat().st_mtime_ns == mtime  # a cache hit keeps the stored history
+
+    history_file.unlink()  # the history is part of the cache entry: without it, retrain
+    run_kedro(project_copy, ["reward_model"], runtime_params=params)
+    assert mlflow_runs(project_copy)[0].data.metrics["reward_model.cache_hit"] == 0
+    assert json.loads(history_file.read_text())["data"]["val_accuracy"] == history["data"]["val_accuracy"]
 
 
 def test_dpo_pipeline_logs_trl_metrics_and_saves_policy(project_copy):
@@ -214,9 +229,13 @@ def test_evaluation_pipeline_compares_policies_with_the_reference(project_copy):
 
     preview = ReportTableDataset(filepath=str(report / "evaluation_metrics.parquet")).preview(2)
     assert preview["columns"][0] == "policy" and len(preview["data"]) == 2
-    # the policies' training histories travel with them, for the training-curve plot
-    assert (project_copy / "data/06_models/dpo_policy/training_history.json").exists()
-    assert (project_copy / "data/06_models/reward_model/training_history.json").exists()
+    # training histories are catalog datasets (<method>.training_history) the plots read
+    histories = project_copy / "data/08_reporting/training_history"
+    for name in ("dpo", "rpo", "rpo_online", "reward_model"):
+        data = json.loads((histories / f"{name}.json").read_text())
+        data = data.get("data", data)  # the reward model's carries its cache fingerprint
+        assert data["loss"] and all(set(e) == {"value", "step"} for e in data["loss"]), name
+    assert not list((project_copy / "data/06_models").rglob("training_history.json"))
 
 
 def test_online_rounds_log_per_round_metrics(project_copy):
@@ -268,7 +287,7 @@ def test_sweep_script_logs_each_point_under_one_parent_run(project_copy):
     """scripts/sweep.py on a tiny config: two β, one nested MLflow run each, CSVs and the PNG."""
     import importlib.util
 
-    from conftest import ROOT, end_stale_runs
+    from helpers import ROOT, end_stale_runs
 
     end_stale_runs()  # before the script points mlflow at this project's store
     spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")

@@ -62,7 +62,7 @@ def test_inference_jobs_run_in_the_chosen_precision(tmp_path):
     seqs = [torch.randint(2, 64, (int(n),), generator=g).tolist() for n in (12, 9, 15, 7)]
     args = {"input_ids": seqs, "response_starts": [4, 3, 4, 2], "pad_id": 0, "batch_size": 2,
             "progress": False}
-    run = {prec: run_inference(InferenceJob("logprobs", str(path), "cpu", args, precision=prec))[0]
+    run = {prec: run_inference(InferenceJob("response_logps", str(path), "cpu", args, precision=prec))[0]
            for prec in ("fp32", "bf16")}
     assert isinstance(autocast("fp32", "cpu"), contextlib.nullcontext)
     assert isinstance(autocast("bf16", "cpu"), torch.autocast)

@@ -10,7 +10,7 @@ import bitsandbytes as bnb
 import pandas as pd
 import pytest
 import torch
-from conftest import mlflow_runs, run_kedro
+from helpers import mlflow_runs, run_kedro
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rpo_pipeline.base_model import (
@@ -20,7 +20,7 @@ from rpo_pipeline.base_model import (
     lora_target_modules,
     train_bpe_tokenizer,
 )
-from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, pair_collate, score
+from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, RewardPair, pair_collate, score
 from rpo_pipeline.training import train
 
 TEXTS = ["prompt : the film [SEP] response : was wonderful and moving", "a dull and tedious plot",
@@ -89,14 +89,14 @@ def test_4bit_reward_model_on_llama_trains_only_lora_and_head(checkpoints, tmp_p
     assert all(n.endswith(".base_layer") for n in four_bit)  # each wrapped by a LoRA layer
     assert {n.split(".")[-2] for n in four_bit} == set(LLAMA_PROJECTIONS)
     g = torch.Generator().manual_seed(0)
-    items = [(torch.randint(3, len(tok), (10,), generator=g).tolist(),
-              torch.randint(3, len(tok), (7,), generator=g).tolist()) for _ in range(16)]
+    items = [RewardPair(torch.randint(3, len(tok), (10,), generator=g).tolist(),
+                        torch.randint(3, len(tok), (7,), generator=g).tolist()) for _ in range(16)]
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    from conftest import train_config
+    from helpers import train_config
 
-    from rpo_pipeline.losses import reward_pair_loss
+    from rpo_pipeline.losses import reward_pair_loss_fn
 
-    train(model, items, [10] * 16, pair_collate(tok.pad_token_id), reward_pair_loss(),
+    train(model, items, [10] * 16, pair_collate(tok.pad_token_id), reward_pair_loss_fn(),
           train_config(steps=3, batch_size=8, lr=1e-2, warmup_steps=0))
     assert any(not torch.equal(lora_b[n], p) for n, p in model.named_parameters() if "lora_B" in n)
     model.save_pretrained(str(tmp_path / "rm"))

@@ -6,17 +6,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DEFAULT_DATA, base_params, train_config
+from helpers import DEFAULT_DATA, base_params, train_config
 
 from rpo_pipeline.base_model import make_base_model
-from rpo_pipeline.datasets import FingerprintedParquetDataset, PretrainedDirDataset
+from rpo_pipeline.datasets import (
+    FingerprintedParquetDataset,
+    PretrainedDirDataset,
+    read_preference_files,
+    read_stored_fingerprint,
+)
 from rpo_pipeline.fingerprint import CacheHit, Fingerprinted
 from rpo_pipeline.losses import sft_nll
 from rpo_pipeline.params import BaseModelParams, ReferenceParams
 from rpo_pipeline.pipelines.reference.nodes import build_reference_cache, train_sft
-from rpo_pipeline.preference_data import assign_splits, groups_to_pairs, ingest, read_preference_files
-from rpo_pipeline.reference import score_responses, select_examples, sft_collate
-from rpo_pipeline.scoring import ResponseLogprobs, shared_prefix_collate
+from rpo_pipeline.preference_groups import assign_splits, groups_to_pairs, ingest
+from rpo_pipeline.reference import response_logps, select_examples, sft_collate, sft_items
+from rpo_pipeline.scoring import ResponseLogps, shared_prefix_collate
 from rpo_pipeline.text_format import format_groups, tokenize_examples
 from rpo_pipeline.training import evaluate, train
 
@@ -44,28 +49,24 @@ def data():
 
 @pytest.fixture
 def saved(tmp_path, data):
-    base = PretrainedDirDataset(str(tmp_path / "base_model"))
-    tok = PretrainedDirDataset(str(tmp_path / "tokenizer"), load_class="transformers.AutoTokenizer")
+    base = PretrainedDirDataset(filepath=str(tmp_path / "base_model"))
+    tok = PretrainedDirDataset(filepath=str(tmp_path / "tokenizer"), load_class="transformers.AutoTokenizer")
     base.save(data["model"])
     tok.save(data["tok"])
     return base.load(), tok.load(), tmp_path
 
 
-def _items(rows):
-    return list(zip(rows["input_ids"], rows["response_start"], strict=True))
-
-
 def test_sft_learns_on_held_out_data(data):
     import copy
 
-    model = ResponseLogprobs(copy.deepcopy(data["model"]))
+    model = ResponseLogps(copy.deepcopy(data["model"]))
     tr = select_examples(data["tokenized"], data["pairs"], ["train"])
     va = select_examples(data["tokenized"], data["pairs"], ["val"])
     col = sft_collate(data["tok"].pad_token_id)
-    before = evaluate(model, _items(va), va["length"].tolist(), col, sft_nll, 64)["loss"]
-    res = train(model, _items(tr), tr["length"].tolist(), col, sft_nll,
+    before = evaluate(model, *sft_items(va), col, sft_nll, 64)["loss"]
+    res = train(model, *sft_items(tr), col, sft_nll,
                 train_config(steps=40, lr=3e-3, batch_size=16, warmup_steps=5, log_every=10))
-    after = evaluate(model, _items(va), va["length"].tolist(), col, sft_nll, 64)["loss"]
+    after = evaluate(model, *sft_items(va), col, sft_nll, 64)["loss"]
     assert res.history["loss"][-1] < res.history["loss"][0]
     assert after < before - 1.0, (before, after)
 
@@ -87,13 +88,13 @@ def _manual_logp(model, ids, start):
     return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))), len(ids) - start
 
 
-def test_cached_logprobs_equal_fresh_with_any_batching(data):
+def test_cached_logps_equal_fresh_with_any_batching(data):
     model = data["model"].eval()
     rows = data["tokenized"].head(40)
     ids, starts = rows["input_ids"].tolist(), rows["response_start"].tolist()
     pad = data["tok"].pad_token_id
-    cached, n_cached = score_responses(model, ids, starts, pad, batch_size=16, progress=False)
-    single, _ = score_responses(model, ids, starts, pad, batch_size=1, progress=False)
+    cached, n_cached = response_logps(model, ids, starts, pad, batch_size=16, progress=False)
+    single, _ = response_logps(model, ids, starts, pad, batch_size=1, progress=False)
     # float32 per token: batch shapes change the kernels' rounding (~1e-7 of a ~150-nat sum)
     np.testing.assert_allclose(cached, single, rtol=1e-6, atol=1e-5)
     for i in range(40):
@@ -106,7 +107,7 @@ def test_prompt_response_boundary_token_is_scored(data):
     model = data["model"].eval()
     ids, start = list(data["tokenized"].iloc[0]["input_ids"]), int(data["tokenized"].iloc[0]["response_start"])
     with torch.no_grad():
-        total, n = ResponseLogprobs(model)(shared_prefix_collate([ids], [start], data["tok"].pad_token_id))
+        total, n = ResponseLogps(model)(shared_prefix_collate([ids], [start], data["tok"].pad_token_id))
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
     expected = sum(lp[t - 1, ids[t]].item() for t in range(start, len(ids)))
     without_first = expected - lp[start - 1, ids[start]].item()
@@ -118,17 +119,16 @@ def test_sft_and_cache_nodes_hit_when_inputs_are_unchanged(data, saved):
     base, tok, root = saved
     params = base_params("reference", {"device": "cpu", "logprobs.batch_size": 32, "sft.steps": 3,
                                        "sft.batch_size": 8, "sft.lr": 1e-3, "sft.progress": False})
-    sft_ds = PretrainedDirDataset(str(root / "sft_model"))
-    cache_ds = FingerprintedParquetDataset(str(root / "ref.parquet"))
+    sft_ds = PretrainedDirDataset(filepath=str(root / "sft_model"))
+    cache_ds = FingerprintedParquetDataset(filepath=str(root / "ref.parquet"))
     tokenized, pairs = data["tokenized"], data["pairs"]
 
     def run(p, dp=DATA_PARAMS):
-        out, m1 = train_sft(base, tok, tokenized, NO_TEXT, pairs, sft_ds.load().stored_fingerprint()
-                            if sft_ds.exists() else None, p)
+        out, m1 = train_sft(base, tok, tokenized, NO_TEXT, pairs,
+                            read_stored_fingerprint(root / "sft_model"), p)
         sft_ds.save(out)
         stored = None
         if cache_ds.exists():
-            from rpo_pipeline.datasets import read_stored_fingerprint
             stored = read_stored_fingerprint(root / "ref.parquet")
         out2, m2 = build_reference_cache(sft_ds.load(), tok, tokenized, stored, dp, p)
         cache_ds.save(out2)
@@ -178,7 +178,7 @@ def test_cache_table_has_no_test_split(data, saved):
 
 def test_policy_training_with_lora_reads_only_the_cache_and_merges(data, saved):
     """DPO node: LoRA adapters train and are merged; π_ref's log-probs come from the cache table."""
-    from rpo_pipeline.pipelines.policy_training.nodes import train_policy
+    from rpo_pipeline.pipelines.policy_training.nodes import train_dpo_policy
 
     base, tok, _ = saved
     ref, _ = build_reference_cache(base, tok, data["tokenized"], None, DATA_PARAMS, REF_PARAMS)
@@ -188,7 +188,9 @@ def test_policy_training_with_lora_reads_only_the_cache_and_merges(data, saved):
         "train.steps": 6, "train.batch_size": 8, "train.lr": 1e-2, "train.warmup_steps": 0,
         "train.progress": False, "train.log_every": 2, "train.eval_every": 3,
         "train.checkpoint_every": 0, "train.checkpoint_dir": None})
-    policy, metrics = train_policy(base, tok, data["tokenized"], data["pairs"], ref.value, params)
+    policy, history, metrics = train_dpo_policy(base, tok, data["tokenized"], data["pairs"], ref.value,
+                                                params)
+    assert history["eval_rewards/accuracies"] == metrics["eval_rewards/accuracies"]
     assert not hasattr(policy, "peft_config")  # merged back into a plain causal LM
     moved = [n for (n, p), (_, q) in zip(policy.named_parameters(), data["model"].named_parameters(),
                                          strict=True) if not torch.equal(p, q)]

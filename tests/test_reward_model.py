@@ -7,15 +7,22 @@ import math
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import DEFAULT_DATA, base_params, train_config
+from helpers import DEFAULT_DATA, base_params, train_config
 
 from rpo_pipeline.base_model import make_base_model
-from rpo_pipeline.datasets import PretrainedDirDataset
-from rpo_pipeline.losses import bradley_terry, reward_pair_loss
+from rpo_pipeline.datasets import PretrainedDirDataset, read_preference_files
+from rpo_pipeline.losses import bradley_terry, reward_pair_loss_fn
 from rpo_pipeline.params import BaseModelParams
-from rpo_pipeline.pipelines.reward_model.nodes import pair_items
-from rpo_pipeline.preference_data import assign_splits, groups_to_pairs, ingest, read_preference_files
-from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, load_backbone, pair_collate, score
+from rpo_pipeline.preference_groups import assign_splits, groups_to_pairs, ingest
+from rpo_pipeline.reward_model import (
+    RewardModel,
+    RewardModelConfig,
+    RewardPair,
+    load_backbone,
+    pair_collate,
+    reward_pair_items,
+    score,
+)
 from rpo_pipeline.text_format import format_groups, tokenize_examples
 from rpo_pipeline.training import evaluate, train
 
@@ -30,7 +37,7 @@ def setup(tmp_path_factory):
     groups = assign_splits(groups, {"train": 0.8, "val": 0.2}, 0)
     texts = [t for r in groups.itertuples() for t in [r.prompt, *r.responses]]
     model, tok = make_base_model(TINY, ["prompt : [SEP] response :"] * 20 + texts)
-    PretrainedDirDataset(str(root / "backbone")).save(model)
+    PretrainedDirDataset(filepath=str(root / "backbone")).save(model)
     return {"root": root, "backbone": str(root / "backbone"), "tok": tok,
             "tokenized": tokenize_examples(format_groups(groups), tok, 48, 96),
             "pairs": groups_to_pairs(groups)}
@@ -63,8 +70,8 @@ def test_backbone_is_4bit_and_only_lora_and_head_learn(setup):
     assert lora and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     assert not any(m.weight.requires_grad for m in linear4)
 
-    items, lengths, _ = pair_items(setup["tokenized"], setup["pairs"], "train")
-    train(model, items, lengths, pair_collate(setup["tok"].pad_token_id), reward_pair_loss(),
+    items, lengths = reward_pair_items(setup["tokenized"], setup["pairs"], "train")
+    train(model, items, lengths, pair_collate(setup["tok"].pad_token_id), reward_pair_loss_fn(),
           train_config(steps=2, lr=1e-2, batch_size=8, warmup_steps=0))
     assert all(torch.equal(frozen[id(m)], m.weight.data) for m in linear4)
     changed = [n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(lora[n], p)]
@@ -74,15 +81,15 @@ def test_backbone_is_4bit_and_only_lora_and_head_learn(setup):
 
 def test_reward_model_learns_and_survives_save_load(setup, tmp_path):
     model = RewardModel.for_training(_config(setup), seed=1)
-    col, loss_fn = pair_collate(setup["tok"].pad_token_id), reward_pair_loss()
-    items, lengths, _ = pair_items(setup["tokenized"], setup["pairs"], "train")
-    val, val_len, _ = pair_items(setup["tokenized"], setup["pairs"], "val")
+    col, loss_fn = pair_collate(setup["tok"].pad_token_id), reward_pair_loss_fn()
+    items, lengths = reward_pair_items(setup["tokenized"], setup["pairs"], "train")
+    val, val_len = reward_pair_items(setup["tokenized"], setup["pairs"], "val")
     res = train(model, items, lengths, col, loss_fn,
                 train_config(steps=200, lr=3e-3, batch_size=16, warmup_steps=10, log_every=10))
     assert res.history["loss"][-1] < res.history["loss"][0]
     acc = evaluate(model, val, val_len, col, loss_fn, 32, "cpu")["accuracy"]
     assert acc > 0.75, acc  # held-out pairs; chance is 0.5
-    ds = PretrainedDirDataset(str(tmp_path / "rm"), load_class="rpo_pipeline.reward_model.RewardModel")
+    ds = PretrainedDirDataset(filepath=str(tmp_path / "rm"), load_class="rpo_pipeline.reward_model.RewardModel")
     ds.save(model)
     assert (tmp_path / "rm" / "adapter_model.safetensors").exists()
     assert (tmp_path / "rm" / "reward_head.safetensors").exists()
@@ -98,7 +105,7 @@ def test_logits_head_and_full_precision_variant(setup):
     model = RewardModel.for_training(_config(setup, head_input="logits", load_in_4bit=False))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert model.head.in_features == len(setup["tok"])
-    batch = pair_collate(setup["tok"].pad_token_id)([([5, 6, 7], [5, 6, 8, 9])])
+    batch = pair_collate(setup["tok"].pad_token_id)([RewardPair([5, 6, 7], [5, 6, 8, 9])])
     assert model(batch).shape == (2,)
     with pytest.raises(ValueError, match="head_input"):
         RewardModelConfig(backbone_path="x", head_input="pooled")
@@ -111,11 +118,11 @@ def test_4bit_footprint_is_a_fraction_of_full_precision(setup):
 
 
 def test_margin_column_without_scores_fails_before_any_model_loads(setup):
-    items, _, _ = pair_items(setup["tokenized"], setup["pairs"], "train", "score_difference")
+    items, _ = reward_pair_items(setup["tokenized"], setup["pairs"], "train", "score_difference")
     scores = setup["pairs"]["score_chosen"] - setup["pairs"]["score_rejected"]
     train = setup["pairs"]["split"] == "train"
-    assert [i[2] for i in items] == pytest.approx(scores[train].tolist())  # the default data has scores
+    assert [i.margin for i in items] == pytest.approx(scores[train].tolist())  # the default data has scores
     unscored = setup["pairs"].assign(score_chosen=float("nan"))
     with pytest.raises(ValueError, match=r"reward_model.margin_column 'score_difference': \d+ of \d+ train "
                                          r"pairs have no finite value .* set margin_column: null"):
-        pair_items(setup["tokenized"], unscored, "train", "score_difference")
+        reward_pair_items(setup["tokenized"], unscored, "train", "score_difference")

@@ -11,10 +11,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from rpo_pipeline.batching import collate
 from rpo_pipeline.scoring import (
-    ResponseLogprobs,
-    response_logprobs,
+    ResponseLogps,
+    batch_response_logps,
     shared_prefix_collate,
-    target_logprobs,
+    target_logps,
 )
 
 VOCAB, PAD = 50, 0
@@ -89,7 +89,7 @@ def test_sliced_logits_equal_plain_forward_in_value_and_every_gradient(arch, k, 
     ref_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
 
     lm.zero_grad()
-    got, got_n = ResponseLogprobs(lm, full_logits=layout == "rows_full_logits")(batch)
+    got, got_n = ResponseLogps(lm, full_logits=layout == "rows_full_logits")(batch)
     (F.logsigmoid(w * got / 10).sum()).backward()
 
     assert torch.equal(got_n, ref_n)
@@ -112,18 +112,18 @@ def test_collate_keeps_row_order_and_stores_each_prompt_once():
     lm = _models()["gpt2"]
     for batch in (shared_prefix_collate([[1, 2], [1, 2, 3]], [2, 2], PAD),
                   collate([[1, 2], [1, 2, 3]], [2, 2], PAD)):
-        logp, n = response_logprobs(lm, batch)
+        logp, n = batch_response_logps(lm, batch)
         assert n.tolist() == [0, 1] and logp[0] == 0 and logp[1] < 0  # no response token: 0
 
 
-def test_chunked_target_logprobs_equal_unchunked_with_gradients():
+def test_chunked_target_logps_equal_unchunked_with_gradients():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 30, bias=False)
     h = torch.randn(23, 8, requires_grad=True)
     y = torch.randint(0, 30, (23,))
-    full = target_logprobs(head, h, y)
+    full = target_logps(head, h, y)
     g_full = torch.autograd.grad(full.sum(), [h, head.weight])
-    chunked = target_logprobs(head, h, y, chunk_elements=30 * 5)  # 5 rows per chunk
+    chunked = target_logps(head, h, y, chunk_elements=30 * 5)  # 5 rows per chunk
     g_chunk = torch.autograd.grad(chunked.sum(), [h, head.weight])
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(full, torch.log_softmax(head(h), -1).gather(-1, y[:, None])[:, 0])
@@ -135,7 +135,7 @@ def test_logit_softcapping_models_are_refused():
     lm = _models()["gpt2"]
     lm.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        response_logprobs(lm, shared_prefix_collate([[1, 2, 3]], [1], PAD))
+        batch_response_logps(lm, shared_prefix_collate([[1, 2, 3]], [1], PAD))
 
 
 @pytest.mark.parametrize("head_input", ["hidden", "logits"])
@@ -144,14 +144,20 @@ def test_reward_model_batches_equal_one_forward_per_sequence(tmp_path, head_inpu
     """Rewards (and gradients) of pairs split at their common prefix (``share``), or of whole
     left-padded rows, equal the last-token reward of one plain forward per sequence
     (full-precision backbone, so exact to float rounding)."""
-    from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, common_prefix, pair_collate
+    from rpo_pipeline.reward_model import (
+        RewardModel,
+        RewardModelConfig,
+        RewardPair,
+        common_prefix,
+        pair_collate,
+    )
 
     _models()["gpt2"].save_pretrained(tmp_path / "lm")
     rm = RewardModel.for_training(RewardModelConfig(backbone_path=str(tmp_path / "lm"),
                                                     load_in_4bit=False, head_input=head_input,
                                                     lora_r=4, lora_alpha=8), seed=0)
     seqs, _ = _groups(3, 4, 2)
-    items = [(seqs[2 * i], seqs[2 * i + 1]) for i in range(4)] + [([3, 4, 5], [3, 4, 5, 6])]
+    items = [RewardPair(seqs[2 * i], seqs[2 * i + 1]) for i in range(4)] + [RewardPair([3, 4, 5], [3, 4, 5, 6])]
     assert common_prefix([3, 4, 5], [3, 4, 5, 6]) == 2  # each keeps a token of its own
 
     def plain(x):
@@ -160,7 +166,7 @@ def test_reward_model_batches_equal_one_forward_per_sequence(tmp_path, head_inpu
         return rm.head(feats.float()).squeeze(-1)
 
     rm.zero_grad()
-    ref = torch.cat([plain(c) for c, _ in items] + [plain(r) for _, r in items])
+    ref = torch.cat([plain(i.chosen_input_ids) for i in items] + [plain(i.rejected_input_ids) for i in items])
     ref.square().sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
     rm.zero_grad()

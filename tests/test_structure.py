@@ -52,6 +52,10 @@ def test_registry_has_every_pipeline_and_node():
     for name in STAGES:
         assert {n.name for n in pipelines[name].nodes} == expected_nodes(name), name
     assert {n.name for n in pipelines["__default__"].nodes} == set().union(*STAGES.values())
+    # the plots' training histories flow through the catalog, visible in the DAG
+    report = next(n for n in pipelines["evaluation"].nodes if n.name == "evaluation.report_evaluation")
+    assert {f"{m}.training_history" for m in ("dpo", "rpo", "rpo_online", "reward_model")} <= set(
+        report.inputs)
 
 
 @pytest.mark.slow

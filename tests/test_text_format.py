@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from conftest import DEFAULT_DATA, shared_file
+from helpers import DEFAULT_DATA, shared_file
 
 from rpo_pipeline.base_model import train_bpe_tokenizer
-from rpo_pipeline.preference_data import assign_splits, ingest, read_preference_files
+from rpo_pipeline.datasets import read_preference_files
+from rpo_pipeline.preference_groups import assign_splits, ingest
 from rpo_pipeline.text_format import (
     SEED_TEMPLATE,
     Template,

@@ -1,4 +1,4 @@
-"""Subprocess used by test_resume.py: train a tiny GPT-2 with checkpoints, then save final weights.
+"""Subprocess used by test_training.py: train a tiny GPT-2 with checkpoints, then save final weights.
 
     python tests/train_worker.py OUT_DIR STEPS RESUME(0|1) [NAN_AT_CALL [loss|grad]]
 
@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import train_config
+from helpers import train_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rpo_pipeline.losses import sft_nll
-from rpo_pipeline.reference import sft_collate
-from rpo_pipeline.scoring import ResponseLogprobs
+from rpo_pipeline.reference import SftExample, sft_collate
+from rpo_pipeline.scoring import ResponseLogps
 from rpo_pipeline.training import train
 
 
@@ -27,7 +27,7 @@ def main(out: str, steps: int, resume: bool, nan_at: int = 0, what: str = "loss"
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2,
                                        n_head=2))  # dropout on: the RNG state matters on resume
     g = torch.Generator().manual_seed(1)
-    items = [(torch.randint(1, 64, (int(n),), generator=g).tolist(), 4)
+    items = [SftExample(torch.randint(1, 64, (int(n),), generator=g).tolist(), 4)
              for n in torch.randint(8, 40, (96,), generator=g)]
     calls = {"n": 0}
 
@@ -44,7 +44,7 @@ def main(out: str, steps: int, resume: bool, nan_at: int = 0, what: str = "loss"
     cfg = train_config(steps=steps, lr=3e-3, batch_size=8, grad_accum=2, warmup_steps=3,
                        log_every=5, checkpoint_every=2, checkpoint_dir=str(Path(out) / "ckpt"),
                        resume=resume)
-    train(ResponseLogprobs(model), items, [len(i[0]) for i in items], sft_collate(0), loss_fn, cfg)
+    train(ResponseLogps(model), items, [len(i[0]) for i in items], sft_collate(0), loss_fn, cfg)
     torch.save(model.state_dict(), Path(out) / "final.pt")
 
 

@@ -61,12 +61,12 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, 
     return batches
 
 
-def iterate_batches(n_examples: int, lengths: Sequence[int], batch_size: int, seed: int,
-                    start_epoch: int = 0) -> Iterator[tuple[int, list[int]]]:
+def iterate_batches(n_examples: int, lengths: Sequence[int], batch_size: int, seed: int
+                    ) -> Iterator[tuple[int, list[int]]]:
     """Endless (epoch, batch indices) over length-bucketed, reshuffled epochs."""
     if n_examples == 0:
         raise ValueError("no training examples")
-    epoch = start_epoch
+    epoch = 0
     while True:
         for b in length_bucketed_batches(lengths, batch_size, seed, epoch):
             yield epoch, b

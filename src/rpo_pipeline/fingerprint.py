@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rpo_pipeline.tracking import MetricsPayload, scalars
+
 FINGERPRINT_FILE = "fingerprint.json"
-HISTORY_FILE = "training_history.json"  # metrics logged while training (timings vary run to run)
+log = logging.getLogger(__name__)
 
 
-def hash_dir(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE, HISTORY_FILE)) -> str:
+def hash_dir(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE,)) -> str:
     """Digest of every file under ``path`` (relative names and bytes), in sorted order; the stored
-    fingerprint and training history are not content."""
+    fingerprint is not content."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory to fingerprint")
@@ -100,3 +104,40 @@ class CacheHit:
     """The stored value already matches ``fingerprint``: saving it is a no-op."""
 
     fingerprint: str
+
+
+class CachedStage:
+    """The cache check every cached stage makes (SFT, reference log-probs, reward model, reward
+    scores): started when the node starts, it compares the fingerprint of the stage's inputs with
+    the stored one and, on a match, gives what the node returns instead of computing.
+
+    ``hit_key`` / ``seconds_key`` name the stage's MLflow metrics (``reference.sft_cache_hit``,
+    ``reward_model.seconds``, ...: contracts, so they stay as each stage first named them)::
+
+        stage = CachedStage("SFT", hit_key="sft_cache_hit", seconds_key="sft_seconds")
+        fp = fingerprint(...)
+        if (hit := stage.reuse(fp, stored_fingerprint)) is not None:
+            return hit                      # (CacheHit(fp), {sft_cache_hit: 1, sft_seconds: s})
+        ...                                 # compute
+        return Fingerprinted(value, fp), stage.computed({"sft_val_loss": ...})
+    """
+
+    def __init__(self, what: str, *, hit_key: str = "cache_hit",
+                 seconds_key: str = "cache_seconds") -> None:
+        self.what, self.hit_key, self.seconds_key = what, hit_key, seconds_key
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def reuse(self, fp: str, stored: str | None) -> tuple[CacheHit, MetricsPayload] | None:
+        """``(CacheHit(fp), metrics)`` when ``stored`` is ``fp`` (logged), else None."""
+        if fp != stored:
+            return None
+        seconds = self.seconds()
+        log.info("%s cache hit (%s): reusing the stored result, %.3f s", self.what, fp[:12], seconds)
+        return CacheHit(fp), scalars({self.hit_key: 1, self.seconds_key: seconds})
+
+    def computed(self, metrics: dict[str, float]) -> MetricsPayload:
+        """The metrics of a run that computed: ``metrics`` + ``hit_key: 0`` + ``seconds_key``."""
+        return scalars({self.hit_key: 0, **metrics, self.seconds_key: self.seconds()})

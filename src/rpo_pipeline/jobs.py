@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from rpo_pipeline.scoring import ResponseLogprobs
+from rpo_pipeline.scoring import ResponseLogps
 from rpo_pipeline.training import TrainConfig, TrainResult, evaluate, train, world
 
 log = logging.getLogger(__name__)
-Items = list[tuple]
+Items = list[Any]  # policy.PreferencePair | ResponseGroup, reward_model.RewardPair, reference.SftExample
 
 
 @dataclass
@@ -99,7 +99,7 @@ def fit_policy(job: PolicyJob, model: torch.nn.Module | None = None
     from peft import LoraConfig, get_peft_model
 
     from rpo_pipeline.base_model import lora_target_modules
-    from rpo_pipeline.losses import preference_loss, reward_aware_loss
+    from rpo_pipeline.losses import preference_loss_fn, reward_aware_loss_fn
     from rpo_pipeline.params import DpoParams, RpoOnlineParams, RpoParams
     from rpo_pipeline.policy import group_collate, policy_collate
 
@@ -107,16 +107,16 @@ def fit_policy(job: PolicyJob, model: torch.nn.Module | None = None
     p = schema.model_validate(job.params)
     cfg = _config(p.train.model_dump(), p.device)
     if job.method == "dpo":
-        loss_fn = preference_loss(p.loss, p.beta, p.label_smoothing, p.sft_weight)
+        loss_fn = preference_loss_fn(p.loss, p.beta, p.label_smoothing, p.sft_weight)
         collate = policy_collate(job.pad_id)
         batch = 2 * p.train.batch_size
 
         def eval_fn(m):
             return evaluate(m, job.val.items, job.val.lengths, collate, loss_fn, batch, p.device)
     else:
-        loss_fn = reward_aware_loss(p.distance, p.beta, p.eta, p.average_logps, p.sft_weight)
+        loss_fn = reward_aware_loss_fn(p.distance, p.beta, p.eta, p.average_logps, p.sft_weight)
         collate, pair_collate_fn = group_collate(job.pad_id), policy_collate(job.pad_id)
-        pair_metrics = preference_loss("sigmoid", p.beta)
+        pair_metrics = preference_loss_fn("sigmoid", p.beta)
         batch = p.train.batch_size
         gold = job.val_pairs
 
@@ -130,12 +130,12 @@ def fit_policy(job: PolicyJob, model: torch.nn.Module | None = None
     if p.disable_dropout:
         disable_dropout(model)
     if p.lora.enabled:
-        targets = lora_target_modules(model, p.lora.target_modules, f"{p.name}.lora.target_modules")
+        targets = lora_target_modules(model, p.lora.target_modules, f"{job.method}.lora.target_modules")
         torch.manual_seed(p.train.seed)  # the adapter's initialisation, the same in every process
         model = get_peft_model(model, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha,
                                                  lora_dropout=p.lora.dropout, target_modules=targets))
-    result = train(ResponseLogprobs(model), job.train.items, job.train.lengths, collate, loss_fn,
-                   cfg, desc=p.name, eval_fn=eval_fn if job.val.items else None)
+    result = train(ResponseLogps(model), job.train.items, job.train.lengths, collate, loss_fn,
+                   cfg, desc=job.method, eval_fn=eval_fn if job.val.items else None)
     if p.lora.enabled:
         model = model.merge_and_unload()
     return model.cpu(), result, {}
@@ -145,7 +145,7 @@ def fit_reward_model(job: RewardModelJob, model: torch.nn.Module | None = None
                      ) -> tuple[torch.nn.Module, TrainResult, dict[str, float]]:
     """Bradley–Terry training of LoRA + head on the (4-bit) backbone; then accuracy and loss on
     each split of ``job.evals`` (training is over: evaluating may repack the 4-bit weights)."""
-    from rpo_pipeline.losses import reward_pair_loss
+    from rpo_pipeline.losses import reward_pair_loss_fn
     from rpo_pipeline.params import RewardModelParams
     from rpo_pipeline.reward_model import RewardModel, pair_collate
 
@@ -156,7 +156,7 @@ def fit_reward_model(job: RewardModelJob, model: torch.nn.Module | None = None
     if p.disable_dropout:
         disable_dropout(model)
     collate = pair_collate(job.pad_id)
-    loss_fn = reward_pair_loss(p.center_coef)
+    loss_fn = reward_pair_loss_fn(p.center_coef)
     result = train(model, job.train.items, job.train.lengths, collate, loss_fn, cfg,
                    desc="reward_model")
     metrics: dict[str, float] = {}
@@ -180,7 +180,7 @@ def fit_sft(job: SftJob, model: torch.nn.Module | None = None
     model = model if model is not None else _load_lm(job.model_path)
     collate = sft_collate(job.pad_id)
     # whole rows, full logits: SFT weights bit-identical to before issue 13 (see ``scoring``)
-    scorer = ResponseLogprobs(model, full_logits=True)
+    scorer = ResponseLogps(model, full_logits=True)
     result = train(scorer, job.train.items, job.train.lengths, collate, sft_nll, cfg, desc="sft")
     val = evaluate(scorer, job.val.items, job.val.lengths, collate, sft_nll,
                    batch_size=2 * cfg.batch_size, device=p.device)
@@ -244,8 +244,8 @@ def fit(kind: str, job: Any, num_processes: int, backend: str, device: str,
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class InferenceJob:
-    """``kind``: ``logprobs`` (``reference.score_responses``), ``sequence_logprobs``
-    (``evaluation.sequence_logprobs``), ``rewards`` (``reward_model.score``) or ``generate``
+    """``kind``: ``response_logps`` (``reference.response_logps``), ``completion_logps``
+    (``evaluation.completion_logps``), ``rewards`` (``reward_model.score``) or ``generate``
     (``evaluation.generate``), of the model at ``model_path`` with ``args``."""
 
     kind: str
@@ -270,11 +270,11 @@ def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
 
 def run_inference(job: InferenceJob, model: torch.nn.Module | None = None) -> Any:
     """The job's function on this process's share of the batches (all of them in one process)."""
-    from rpo_pipeline.evaluation import generate, sequence_logprobs
-    from rpo_pipeline.reference import score_responses
+    from rpo_pipeline.evaluation import completion_logps, generate
+    from rpo_pipeline.reference import response_logps
     from rpo_pipeline.reward_model import RewardModel, score
 
-    if job.kind not in ("rewards", "logprobs", "sequence_logprobs", "generate"):
+    if job.kind not in ("rewards", "response_logps", "completion_logps", "generate"):
         raise ValueError(f"unknown inference job {job.kind!r}")
     if job.kind == "rewards":
         model = model if model is not None else RewardModel.from_pretrained(job.model_path,
@@ -284,10 +284,10 @@ def run_inference(job: InferenceJob, model: torch.nn.Module | None = None) -> An
     with autocast(job.precision, job.device):
         if job.kind == "rewards":
             return score(model, **job.args)
-        if job.kind == "logprobs":
-            return score_responses(model, device=job.device, **job.args)
-        if job.kind == "sequence_logprobs":
-            return sequence_logprobs(model, device=job.device, **job.args)
+        if job.kind == "response_logps":
+            return response_logps(model, device=job.device, **job.args)
+        if job.kind == "completion_logps":
+            return completion_logps(model, device=job.device, **job.args)
         return generate(model, device=job.device, **job.args)
 
 

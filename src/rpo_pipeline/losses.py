@@ -1,6 +1,6 @@
 """Training losses, each a short function of a model and a batch (see ``training.train``).
 
-Kedro-free. For the policy losses and SFT, ``model`` is a ``scoring.ResponseLogprobs`` (one forward
+Kedro-free. For the policy losses and SFT, ``model`` is a ``scoring.ResponseLogps`` (one forward
 gives each row's summed response log-prob and token count) and batches come from
 ``scoring.shared_prefix_collate``; for the reward model it is a ``reward_model.RewardModel``.
 """
@@ -60,7 +60,7 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     return loss
 
 
-def reward_pair_loss(center_coef: float = 0.0):
+def reward_pair_loss_fn(center_coef: float = 0.0):
     """loss_fn for ``training.train``: chosen and rejected scored in one forward."""
     def fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         rewards = model(batch)
@@ -98,7 +98,7 @@ PAIR_LOSSES = {"sigmoid": dpo_sigmoid, "ipo": ipo, "hinge": hinge}
 AVERAGED_LOGPS = {"ipo"}  # losses defined on per-token averaged log-probs
 
 
-def preference_loss(name: str, beta: float, label_smoothing: float = 0.0, sft_weight: float = 0.0):
+def preference_loss_fn(name: str, beta: float, label_smoothing: float = 0.0, sft_weight: float = 0.0):
     """loss_fn for ``training.train`` over batches of ``policy.policy_collate``.
 
     One forward scores chosen and rejected (chosen rows first); reference log-probs come with the
@@ -182,14 +182,14 @@ def rpo_group(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
 RPO_DISTANCES = ["bwd_kl", "fwd_kl", "sq"]
 
 
-def reward_aware_loss(distance: str, beta: float, eta: float, average_logps: bool = False,
+def reward_aware_loss_fn(distance: str, beta: float, eta: float, average_logps: bool = False,
                       sft_weight: float = 0.0):
     """RPO loss_fn for ``training.train`` over batches of ``policy.group_collate``.
 
     a_k = β·[log π(y_k|x) − log π_ref(y_k|x)] (summed over response tokens, or averaged with
     ``average_logps``), b_k = η·r*(x, y_k); K = 2 uses ``rpo_pair``, K > 2 ``rpo_group``.
     ``sft_weight`` adds w · NLL (per token) of each group's best response by target reward, as
-    ``preference_loss`` does for the chosen response. Metrics use
+    ``preference_loss_fn`` does for the chosen response. Metrics use
     the DPO names with chosen/rejected = the best/worst response by target reward, plus
     ``target_margin`` (mean b_best − b_worst) and ``ranking_agreement`` (share of response pairs
     the policy's implicit reward orders like the reward model).

@@ -2,7 +2,7 @@
 
 Kedro-free. A round samples K responses per prompt from the current policy (``evaluation.generate``),
 scores them with the reward model and under π_ref, and trains the reward-aware loss on them
-(``policy.group_items``, ``losses.reward_aware_loss``), starting from the previous round's policy.
+(``policy.group_items``, ``losses.reward_aware_loss_fn``), starting from the previous round's policy.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def scored_groups(groups: pd.DataFrame, samples: pd.DataFrame, source: str) -> p
     generator (e.g. ``generated:sft_model``), ``source_row`` the prompt's source row. Identical
     samples of one prompt are kept (they tie, so no pair is made of them; RPO needs K per group).
     """
-    from rpo_pipeline.preference_data import GROUP_COLUMNS, group_id
+    from rpo_pipeline.preference_groups import GROUP_COLUMNS, group_id
 
     by_prompt = groups.set_index("group_id")
     s = samples.sort_values(["group_id", "response_index"], kind="stable")

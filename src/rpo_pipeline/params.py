@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rpo_pipeline.base_model import BUILTIN_TINY_GPT2
 from rpo_pipeline.losses import PAIR_LOSSES, RPO_DISTANCES
-from rpo_pipeline.preference_data import FORMATS, SPLITS
+from rpo_pipeline.preference_formats import FORMATS
+from rpo_pipeline.preference_groups import SPLITS
 from rpo_pipeline.reward_model import DTYPES
 from rpo_pipeline.text_format import Template
 
@@ -297,7 +298,6 @@ class RewardModelParams(Schema):
 class PolicyParams(Schema):
     """What DPO and RPO share: π_SFT (+ LoRA), β, the SFT term, the training block."""
 
-    name: NonEmptyStr
     beta: PosFloat
     sft_weight: NonNegFloat
     device: Device

@@ -62,8 +62,8 @@ def register_pipelines() -> dict[str, Pipeline]:
         "data_processing": dp,
         "reference": dp + ref,
         "reward_model": dp + ref + rm,  # the reward model starts from the SFT model
-        "dpo": dp + ref + policy_training.create_pipeline(namespace="dpo"),
-        "rpo": dp + ref + rm + policy_training.create_pipeline(namespace="rpo"),
+        "dpo": dp + ref + policy_training.create_pipeline(method="dpo"),
+        "rpo": dp + ref + rm + policy_training.create_pipeline(method="rpo"),
         "rpo_online": dp + ref + rm + online,
     }
     # evaluation compares the reference with every policy (and scores with the reward model)
@@ -88,8 +88,8 @@ def register_pipelines() -> dict[str, Pipeline]:
 
     trained = (gen + on_generated(cache) + (Pipeline([]) if judged_by_rm else on_generated(rm_train))
                + on_generated(rm_score) + online
-               + on_generated(policy_training.create_pipeline(namespace="dpo"))
-               + on_generated(policy_training.create_pipeline(namespace="rpo")))
+               + on_generated(policy_training.create_pipeline(method="dpo"))
+               + on_generated(policy_training.create_pipeline(method="rpo")))
     # evaluation: the data's held-out prompts (their text from preference_groups)
     pipelines["generated"] = trained + on_generated(evaluation.create_pipeline(policies=policies),
                                                     keep_groups=True)

@@ -7,6 +7,7 @@ table (see ``reference.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -15,6 +16,28 @@ from rpo_pipeline.batching import collate
 from rpo_pipeline.scoring import shared_prefix_collate
 
 KEY = ["group_id", "response_index"]
+
+
+class PreferencePair(NamedTuple):
+    """One DPO training item (TRL's names): both sides' tokens (prompt + response), where each
+    response starts, and π_ref's summed log-probs of the responses (from ``reference_logprobs``)."""
+
+    chosen_input_ids: list[int]
+    chosen_response_start: int
+    rejected_input_ids: list[int]
+    rejected_response_start: int
+    ref_chosen_logps: float
+    ref_rejected_logps: float
+
+
+class ResponseGroup(NamedTuple):
+    """One RPO training item: the K responses of a prompt (tokens, response starts), π_ref's
+    summed log-probs of each and the target reward r*(x, y_k) of each."""
+
+    input_ids: list[list[int]]
+    response_starts: list[int]
+    ref_logps: list[float]
+    target_rewards: list[float]
 
 
 def pair_sides(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
@@ -32,8 +55,8 @@ def pair_sides(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
 
 
 def preference_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd.DataFrame,
-                     split: str) -> tuple[list[tuple], list[int]]:
-    """One item per pair of ``split``: (ids_w, start_w, ids_l, start_l, ref_w, ref_l).
+                     split: str) -> tuple[list[PreferencePair], list[int]]:
+    """One ``PreferencePair`` per pair of ``split``, and its length (the longer side).
 
     Fails when a response has no cached reference log-prob (the cache is stale or partial).
     """
@@ -43,21 +66,22 @@ def preference_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd
         raise ValueError(f"{int(missing.sum())} {split} pairs have no cached reference log-prob "
                          f"(e.g. group {w.loc[missing, 'group_id'].iloc[0]}); re-run the "
                          "reference pipeline")
-    items = list(zip(w["input_ids"], w["response_start"], lo["input_ids"], lo["response_start"],
-                     w["ref_logp"], lo["ref_logp"], strict=True))
-    lengths = [max(len(a), len(c)) for a, _, c, _, _, _ in items]
+    items = [PreferencePair(*row) for row in zip(
+        w["input_ids"], w["response_start"], lo["input_ids"], lo["response_start"], w["ref_logp"],
+        lo["ref_logp"], strict=True)]
+    lengths = [max(len(i.chosen_input_ids), len(i.rejected_input_ids)) for i in items]
     return items, lengths
 
 
 def policy_collate(pad_id: int, share_prefix: bool = True):
-    """Items of ``preference_items`` -> one batch (each prompt once): chosen rows, then rejected.
+    """``PreferencePair`` items -> one batch (each prompt once): chosen rows, then rejected.
     ``share_prefix=False``: one whole row per sequence instead (the unshared computation)."""
-    def fn(items: Sequence[tuple]) -> dict[str, torch.Tensor]:
-        seqs = [i[0] for i in items] + [i[2] for i in items]
-        starts = [i[1] for i in items] + [i[3] for i in items]
+    def fn(items: Sequence[PreferencePair]) -> dict[str, torch.Tensor]:
+        seqs = [i.chosen_input_ids for i in items] + [i.rejected_input_ids for i in items]
+        starts = [i.chosen_response_start for i in items] + [i.rejected_response_start for i in items]
         batch = (shared_prefix_collate if share_prefix else collate)(seqs, starts, pad_id)
-        batch["ref_logps"] = torch.tensor([i[4] for i in items] + [i[5] for i in items],
-                                          dtype=torch.float64)
+        batch["ref_logps"] = torch.tensor([i.ref_chosen_logps for i in items]
+                                          + [i.ref_rejected_logps for i in items], dtype=torch.float64)
         return batch
     return fn
 
@@ -99,8 +123,8 @@ def reward_targets(groups: pd.DataFrame, reward_scores: pd.DataFrame | None,
 
 
 def group_items(tokenized: pd.DataFrame, reference: pd.DataFrame, targets: pd.DataFrame,
-                split: str) -> tuple[list[tuple], list[int]]:
-    """One item per group of ``split``: (ids per response, starts, reference log-probs, targets).
+                split: str) -> tuple[list[ResponseGroup], list[int]]:
+    """One ``ResponseGroup`` per group of ``split``, and its length (the longest response).
 
     Every group must have the same number of responses K (a batch is a (B, K) block).
     """
@@ -115,20 +139,22 @@ def group_items(tokenized: pd.DataFrame, reference: pd.DataFrame, targets: pd.Da
     if sizes.nunique() > 1:
         raise ValueError(f"RPO needs the same number of responses in every group; found sizes "
                          f"{sorted(sizes.unique().tolist())}")
-    items = [(list(g["input_ids"]), list(g["response_start"]), list(g["ref_logp"]), list(g["target"]))
-             for _, g in rows.groupby("group_id", sort=False)]
-    return items, [max(len(x) for x in it[0]) for it in items]
+    items = [ResponseGroup(list(g["input_ids"]), list(g["response_start"]), list(g["ref_logp"]),
+                           list(g["target"])) for _, g in rows.groupby("group_id", sort=False)]
+    return items, [max(len(x) for x in it.input_ids) for it in items]
 
 
 def group_collate(pad_id: int, share_prefix: bool = True):
-    """Group items -> one batch of B·K rows (each prompt once), group-major, ``group_size`` = K.
-    ``share_prefix=False``: one whole row per sequence instead (the unshared computation)."""
-    def fn(items: Sequence[tuple]) -> dict[str, torch.Tensor]:
-        seqs = [s for it in items for s in it[0]]
-        starts = [s for it in items for s in it[1]]
+    """``ResponseGroup`` items -> one batch of B·K rows (each prompt once), group-major,
+    ``group_size`` = K. ``share_prefix=False``: one whole row per sequence instead (the unshared
+    computation)."""
+    def fn(items: Sequence[ResponseGroup]) -> dict[str, torch.Tensor]:
+        seqs = [s for it in items for s in it.input_ids]
+        starts = [s for it in items for s in it.response_starts]
         batch = (shared_prefix_collate if share_prefix else collate)(seqs, starts, pad_id)
-        batch["ref_logps"] = torch.tensor([r for it in items for r in it[2]], dtype=torch.float64)
-        batch["targets"] = torch.tensor([r for it in items for r in it[3]], dtype=torch.float64)
-        batch["group_size"] = torch.tensor(len(items[0][0]))
+        batch["ref_logps"] = torch.tensor([r for it in items for r in it.ref_logps], dtype=torch.float64)
+        batch["targets"] = torch.tensor([r for it in items for r in it.target_rewards],
+                                        dtype=torch.float64)
+        batch["group_size"] = torch.tensor(len(items[0].input_ids))
         return batch
     return fn

@@ -6,6 +6,7 @@ Kedro-free.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rpo_pipeline.batching import collate
-from rpo_pipeline.scoring import ResponseLogprobs, scoring_batches, shared_prefix_collate
+from rpo_pipeline.scoring import ResponseLogps, scoring_batches, shared_prefix_collate
 from rpo_pipeline.training import local_device, to_device, world
 
 # Bump when the log-prob computation changes meaning; it is part of the cache fingerprint.
@@ -33,16 +34,32 @@ def select_examples(tokenized: pd.DataFrame, pairs: pd.DataFrame, splits: Sequen
     raise ValueError(f"reference.sft.responses must be 'all' or 'chosen', got {responses!r}")
 
 
+class SftExample(NamedTuple):
+    """One SFT item: prompt + response tokens and where the response starts (the loss is on the
+    response tokens only)."""
+
+    input_ids: list[int]
+    response_start: int
+
+
+def sft_items(rows: pd.DataFrame) -> tuple[list[SftExample], list[int]]:
+    """One ``SftExample`` per row of ``tokenized_examples`` (or ``tokenized_sft_targets``), and its
+    length."""
+    items = [SftExample(ids, start) for ids, start in zip(rows["input_ids"], rows["response_start"],
+                                                           strict=True)]
+    return items, rows["length"].tolist()
+
+
 def sft_collate(pad_id: int):
-    """Collate (input_ids, response_start) items, one whole row each: SFT items rarely share a
-    prompt within a batch, and a whole-row forward draws the dropout masks SFT has always drawn."""
-    def fn(items: list[tuple[Sequence[int], int]]) -> dict[str, torch.Tensor]:
-        return collate([i[0] for i in items], [i[1] for i in items], pad_id)
+    """``SftExample`` items -> one batch, one whole row each: SFT items rarely share a prompt
+    within a batch, and a whole-row forward draws the dropout masks SFT has always drawn."""
+    def fn(items: Sequence[SftExample]) -> dict[str, torch.Tensor]:
+        return collate([i.input_ids for i in items], [i.response_start for i in items], pad_id)
     return fn
 
 
 @torch.inference_mode()
-def score_responses(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
+def response_logps(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
                     response_starts: Sequence[int], pad_id: int, batch_size: int = 64,
                     device: str = "auto", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-prob and response token count of every sequence, in input order.
@@ -53,7 +70,7 @@ def score_responses(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
     one process, and summing the ranks' arrays gives its table exactly.
     """
     dev = local_device(device)
-    scorer = ResponseLogprobs(model.to(dev)).eval()
+    scorer = ResponseLogps(model.to(dev)).eval()
     logp = np.zeros(len(input_ids), dtype=np.float64)
     count = np.zeros(len(input_ids), dtype=np.int64)
     rank, size = world()

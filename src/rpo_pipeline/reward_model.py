@@ -19,8 +19,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
+import pandas as pd
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
@@ -175,17 +177,57 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+class RewardPair(NamedTuple):
+    """One reward-model training item (TRL's names): both sides' tokens (prompt + response) and
+    the margin the chosen reward should exceed the rejected one by (0: plain Bradley–Terry)."""
+
+    chosen_input_ids: list[int]
+    rejected_input_ids: list[int]
+    margin: float = 0.0
+
+
+def reward_pair_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
+                      margin_column: str | None = None) -> tuple[list[RewardPair], list[int]]:
+    """One ``RewardPair`` per pair of ``split`` (``policy.pair_sides``), and its length (the longer
+    side). ``margin_column``: None (margin 0), ``score_difference`` (score_chosen -
+    score_rejected) or a column of the pairs; fails, before any model loads, when a pair has no
+    finite margin."""
+    from rpo_pipeline.policy import pair_sides
+
+    chosen, rejected = pair_sides(tokenized, pairs, split)
+    p = pairs[pairs["split"] == split].reset_index(drop=True)
+    untokenized = chosen["input_ids"].isna() | rejected["input_ids"].isna()
+    if untokenized.any():
+        raise ValueError(f"{int(untokenized.sum())} {split} pairs have a response missing from "
+                         f"tokenized_examples (e.g. group {p.loc[untokenized, 'group_id'].iloc[0]}); "
+                         "re-run the data_processing pipeline")
+    if margin_column is None:
+        margins = np.zeros(len(p))
+    elif margin_column == "score_difference":
+        margins = (p["score_chosen"] - p["score_rejected"]).to_numpy(dtype=float)
+    else:
+        margins = p[margin_column].to_numpy(dtype=float)
+    bad = ~np.isfinite(margins)
+    if bad.any():
+        raise ValueError(f"reward_model.margin_column {margin_column!r}: {int(bad.sum())} of {len(p)} "
+                         f"{split} pairs have no finite value (e.g. group {p.loc[bad, 'group_id'].iloc[0]}); "
+                         "the data has no scores there: set margin_column: null")
+    items = [RewardPair(c, r, float(m)) for c, r, m in zip(chosen["input_ids"], rejected["input_ids"],
+                                                             margins, strict=True)]
+    return items, [max(len(i.chosen_input_ids), len(i.rejected_input_ids)) for i in items]
+
+
 def pair_collate(pad_id: int, share_prefix: bool = SHARE_PREFIX):
-    """Items (chosen_ids, rejected_ids[, margin]) -> one batch, chosen rows first: whole left-padded
-    rows, or (``share_prefix``) each pair's common prefix (the prompt, at least) once."""
-    def fn(items: list[tuple]) -> dict[str, torch.Tensor]:
-        seqs = [i[0] for i in items] + [i[1] for i in items]
+    """``RewardPair`` items -> one batch, chosen rows first: whole left-padded rows, or
+    (``share_prefix``) each pair's common prefix (the prompt, at least) once."""
+    def fn(items: Sequence[RewardPair]) -> dict[str, torch.Tensor]:
+        seqs = [i.chosen_input_ids for i in items] + [i.rejected_input_ids for i in items]
         if share_prefix:
-            starts = [common_prefix(i[0], i[1]) for i in items]
+            starts = [common_prefix(i.chosen_input_ids, i.rejected_input_ids) for i in items]
             batch = shared_prefix_collate(seqs, starts + starts, pad_id)
         else:
             batch = collate(seqs, [0] * len(seqs), pad_id, padding_side="left")
-        batch["margin"] = torch.tensor([float(i[2]) if len(i) > 2 else 0.0 for i in items])
+        batch["margin"] = torch.tensor([float(i.margin) for i in items])
         return batch
     return fn
 
@@ -198,7 +240,7 @@ def score(model: RewardModel, sequences: Sequence[Sequence[int]], response_start
     ``share_prefix``) the prompt run once.
 
     In a process group each rank scores every N-th batch (0.0 elsewhere; see
-    ``reference.score_responses``).
+    ``reference.response_logps``).
     """
     from rpo_pipeline.training import to_device, world
 

@@ -3,7 +3,7 @@ only where a token is scored.
 
 Kedro-free. Chosen and rejected responses, and the K responses of an RPO group, share one prompt.
 A batch from ``shared_prefix_collate`` holds each distinct prompt of its rows once (left-padded)
-and every row's response (right-padded); ``prompt_index[n]`` is row n's prompt. ``ResponseLogprobs``
+and every row's response (right-padded); ``prompt_index[n]`` is row n's prompt. ``ResponseLogps``
 
 1. runs the decoder over the prompts with a KV cache;
 2. gathers the cache for each row (``prompt_index``: a differentiable index, so the gradients of
@@ -95,7 +95,7 @@ def scoring_batches(sequences: Sequence[Sequence[int]], response_starts: Sequenc
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def target_logprobs(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor,
+def target_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor,
                     chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """log softmax(head(states))[targets] per row of ``states`` (T, H), in float32.
 
@@ -151,7 +151,7 @@ def row_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor]
     return h[:, :-1][scored], ids[:, 1:][scored], rows[scored]
 
 
-def response_logprobs(lm: torch.nn.Module, batch: dict[str, torch.Tensor], full_logits: bool = False
+def batch_response_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], full_logits: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log π(response | prompt) per row (float64; token terms in float32) and the
     response token counts, for a ``shared_prefix_collate`` batch (each prompt once) or a
@@ -178,15 +178,15 @@ def response_logprobs(lm: torch.nn.Module, batch: dict[str, torch.Tensor], full_
         states, targets = before[mask], batch["response_ids"][mask]
         rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(-1).expand_as(mask)[mask]
         n_rows = mask.shape[0]
-    token_lp = target_logprobs(lm.get_output_embeddings(), states, targets)
+    token_lp = target_logps(lm.get_output_embeddings(), states, targets)
     total = torch.zeros(n_rows, dtype=torch.float64, device=token_lp.device)
     counts = torch.zeros(n_rows, dtype=torch.long, device=token_lp.device)
     return (total.index_add(0, rows, token_lp.double()),
             counts.index_add(0, rows, torch.ones_like(rows)))
 
 
-class ResponseLogprobs(torch.nn.Module):
-    """A causal LM as a module whose forward is ``response_logprobs``: what the training loop
+class ResponseLogps(torch.nn.Module):
+    """A causal LM as a module whose forward is ``batch_response_logps``: what the training loop
     wraps (DDP / FSDP see one forward), and what inference scores with. ``lm`` keeps the weights;
     save and load ``lm``."""
 
@@ -196,4 +196,4 @@ class ResponseLogprobs(torch.nn.Module):
         self.full_logits = full_logits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return response_logprobs(self.lm, batch, self.full_logits)
+        return batch_response_logps(self.lm, batch, self.full_logits)

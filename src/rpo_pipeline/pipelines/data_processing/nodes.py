@@ -1,4 +1,4 @@
-"""data_processing nodes: thin wrappers over ``rpo_pipeline.preference_data`` and friends."""
+"""data_processing nodes: thin wrappers over ``preference_groups``, ``text_format`` and friends."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 from rpo_pipeline.base_model import make_base_model, max_positions
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.params import BaseModelParams, DataProcessingParams
-from rpo_pipeline.preference_data import SPLITS, assign_splits, groups_to_pairs, ingest
+from rpo_pipeline.preference_groups import SPLITS, assign_splits, groups_to_pairs, ingest
 from rpo_pipeline.text_format import (
     Template,
     format_groups,

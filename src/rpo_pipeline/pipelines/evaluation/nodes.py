@@ -35,10 +35,10 @@ METRICS = ("gold_reward_mean", "rm_score_mean", "kl_to_reference", "win_rate_gol
            "preference_accuracy", "length_mean", "distinct_2")
 
 
-def _sequence_logprobs(model: PretrainedHandle, prompts: list[list[int]],
+def _completion_logps(model: PretrainedHandle, prompts: list[list[int]],
                        completions: list[list[int]], pad: int, p: EvaluationParams) -> np.ndarray:
-    """``evaluation.sequence_logprobs``, sharded by batch over ``evaluation.num_processes``."""
-    job = InferenceJob("sequence_logprobs", str(model.path), p.device, {
+    """``evaluation.completion_logps``, sharded by batch over ``evaluation.num_processes``."""
+    job = InferenceJob("completion_logps", str(model.path), p.device, {
         "prompts": prompts, "completions": completions, "pad_id": pad, "batch_size": p.batch_size},
         precision=p.precision)
     return infer(job, p.num_processes, p.backend, model.load)
@@ -114,7 +114,7 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
     table["ref_logp"] = table["logp"]
     others = (table["policy"] != REFERENCE).to_numpy()
     if others.any():
-        table.loc[others, "ref_logp"] = _sequence_logprobs(
+        table.loc[others, "ref_logp"] = _completion_logps(
             reference_model, table.loc[others, "prompt_ids"].map(list).tolist(),
             comp[others].tolist(), pad, p)
     table["kl"] = table["logp"] - table["ref_logp"]
@@ -141,7 +141,7 @@ def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle
     pad = tokenizer.load().pad_token_id
 
     def logps(handle: PretrainedHandle) -> np.ndarray:
-        return _sequence_logprobs(handle, prompts, comps, pad, p)
+        return _completion_logps(handle, prompts, comps, pad, p)
 
     ref = logps(reference_model)
     n = len(chosen)
@@ -175,12 +175,11 @@ def summarize_evaluation(samples: pd.DataFrame, accuracy: dict[str, float], para
     return metrics, reporting.samples_table(samples), scalars(payload)
 
 
-def report_evaluation(metrics: pd.DataFrame, samples: pd.DataFrame, reward_model: PretrainedHandle,
-                      params: dict[str, Any], **policies: PretrainedHandle) -> tuple[Any, Any, Any, str]:
-    """PNG figures (training curves, gold reward vs KL, win rates) and the Markdown summary."""
-    curves = {name: h.training_history() for name, h in policies.items()}
-    curves["reward_model"] = reward_model.training_history()
-    return (reporting.training_curves(curves), reporting.reward_vs_kl(samples, metrics),
+def report_evaluation(metrics: pd.DataFrame, samples: pd.DataFrame, params: dict[str, Any],
+                      **training_histories: MetricsPayload) -> tuple[Any, Any, Any, str]:
+    """PNG figures (training curves of every policy and of the reward model, gold reward vs KL,
+    win rates) and the Markdown summary."""
+    return (reporting.training_curves(training_histories), reporting.reward_vs_kl(samples, metrics),
             reporting.win_rates(metrics),
             reporting.markdown_summary(metrics, samples, EvaluationParams.parse(params)))
 

@@ -15,13 +15,15 @@ from .nodes import (
 )
 
 SHARED = ["tokenizer", "tokenized_prompts", "tokenized_examples", "preference_groups", "preference_pairs", "sft_model",
-          "reward_model"]
+          "reward_model", "reward_model.training_history"]
 
 
 def create_pipeline(policies: Sequence[str] = ("dpo", "rpo", "rpo_online"), **kwargs) -> Pipeline:
     """Sample the reference (π_SFT) and each ``<policy>.policy_model``; score, compare, report."""
-    # inside the template a policy model is ``<p>_policy_model``; it is mapped to ``<p>.policy_model``
+    # inside the template a policy model is ``<p>_policy_model``, mapped to ``<p>.policy_model``
+    # (likewise ``<p>_training_history``)
     policy_models = {p: f"{p}_policy_model" for p in policies}
+    histories = {p: f"{p}_training_history" for p in policies}
     models = {"reference": "sft_model"} | policy_models
     sampling = [
         Node(sample_policy, inputs=[model, "tokenizer", "tokenized_prompts", "params:evaluation"],
@@ -44,7 +46,8 @@ def create_pipeline(policies: Sequence[str] = ("dpo", "rpo", "rpo_online"), **kw
              outputs=["policy_metrics", "samples_table", "metrics"], name="summarize_evaluation"),
         Node(report_evaluation,
              inputs={"metrics": "policy_metrics", "samples": "scored_samples",
-                     "reward_model": "reward_model", "params": "params:evaluation"} | policy_models,
+                     "params": "params:evaluation"} | histories
+             | {"reward_model": "reward_model.training_history"},
              outputs=["training_curves_plot", "reward_vs_kl_plot", "win_rates_plot", "summary"],
              name="report_evaluation"),
         *[Node(update_wrapper(partial(package_policy, name=p), package_policy),
@@ -55,6 +58,7 @@ def create_pipeline(policies: Sequence[str] = ("dpo", "rpo", "rpo_online"), **kw
     ])
     return Pipeline(template, namespace="evaluation",
                     inputs={**{s: s for s in SHARED},
-                            **{f"{p}_policy_model": f"{p}.policy_model" for p in policies}},
+                            **{f"{p}_policy_model": f"{p}.policy_model" for p in policies},
+                            **{f"{p}_training_history": f"{p}.training_history" for p in policies}},
                     outputs={f"{p}_mlflow_model": f"{p}.mlflow_model" for p in policies},
                     parameters={"params:evaluation", "params:data_processing"})

@@ -1,5 +1,5 @@
 """policy_training: one template pipeline for preference training, instantiated per method
-(namespace ``dpo`` now, ``rpo`` next) with that method's parameters."""
+(namespaces ``dpo`` and ``rpo``) with that method's parameters."""
 
 from .pipeline import create_pipeline
 

@@ -10,6 +10,7 @@ data parallel on that many worker processes (``jobs.fit_in_workers``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -25,9 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def run_policy_job(start: PretrainedHandle, job: PolicyJob, p: PolicyParams
-                   ) -> tuple[Any, MetricsPayload]:
-    """Train from ``start`` (here or on N workers); metrics with TRL names, ``eval_`` at eval
-    steps."""
+                   ) -> tuple[Any, MetricsPayload, MetricsPayload]:
+    """Train from ``start`` (here or on N workers): the model, its training history (metrics with
+    TRL names, ``eval_`` at eval steps; ``<method>.training_history``) and the metrics to log."""
     t = p.train
     model, result, _ = fit("policy", job, t.num_processes, t.backend, p.device, start.load,
                            AutoModelForCausalLM.from_pretrained)
@@ -37,17 +38,16 @@ def run_policy_job(start: PretrainedHandle, job: PolicyJob, p: PolicyParams
     train_part = {k: v for k, v in hist.items() if not k.startswith("eval_")}
     eval_part = {k: v for k, v in hist.items() if k.startswith("eval_")}
     log.info("%s: %d steps on %d process(es) in %.1f s (%.1f items/s); eval reward accuracy %.3f",
-             p.name, t.steps, t.num_processes, result.seconds, result.items_per_second,
+             job.method, t.steps, t.num_processes, result.seconds, result.items_per_second,
              eval_part.get("eval_rewards/accuracies", [float("nan")])[-1])
-    metrics = histories(train_part, result.log_steps) | histories(eval_part, eval_steps)
-    model.training_history = metrics  # saved with the policy for the evaluation plots
-    return model, metrics | scalars({"world_size": t.num_processes,
-                                     "precision_bits": PRECISION_BITS[result.precision]})
+    history = histories(train_part, result.log_steps) | histories(eval_part, eval_steps)
+    return model, history, history | scalars({"world_size": t.num_processes,
+                                              "precision_bits": PRECISION_BITS[result.precision]})
 
 
-def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, tokenized: pd.DataFrame,
-                 pairs: pd.DataFrame, reference: pd.DataFrame, params: dict[str, Any]
-                 ) -> tuple[Any, MetricsPayload]:
+def train_dpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
+                     tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd.DataFrame,
+                     params: dict[str, Any]) -> tuple[Any, MetricsPayload, MetricsPayload]:
     """DPO family: train on (chosen, rejected) pairs with the configured loss."""
     p = DpoParams.parse(params)
     job = PolicyJob("dpo", str(sft_model.path), tokenizer.load().pad_token_id, p.model_dump(),
@@ -59,7 +59,7 @@ def train_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle, token
 def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
                      tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd.DataFrame,
                      groups: pd.DataFrame, reward_scores: pd.DataFrame, reward_stats: dict,
-                     params: dict[str, Any]) -> tuple[Any, MetricsPayload]:
+                     params: dict[str, Any]) -> tuple[Any, MetricsPayload, MetricsPayload]:
     """RPO: match the policy's implicit reward margins to the reward model's over K responses.
 
     Evaluation reports the RPO loss and target metrics on val groups, and ``rewards/*`` on the val
@@ -73,3 +73,10 @@ def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
                     Split(*group_items(tokenized, reference, targets, "val")),
                     Split(*preference_items(tokenized, pairs, reference, "val")))
     return run_policy_job(sft_model, job, p)
+
+
+# What each method's node reads besides the shared inputs (its parameters are ``params:<method>``).
+TRAINERS: dict[str, tuple[Callable[..., tuple[Any, MetricsPayload, MetricsPayload]], list[str]]] = {
+    "dpo": (train_dpo_policy, []),
+    "rpo": (train_rpo_policy, ["preference_groups", "reward_scores", "reward_stats"]),
+}

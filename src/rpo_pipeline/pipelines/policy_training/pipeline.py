@@ -1,27 +1,23 @@
-"""policy_training template, namespaced per method (``dpo``, ``rpo``)."""
+"""policy_training template, one instance per method (``dpo``, ``rpo``) in that method's
+namespace, with that method's parameters."""
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import train_policy, train_rpo_policy
+from .nodes import TRAINERS
 
 SHARED = ["sft_model", "tokenizer", "tokenized_examples", "preference_pairs", "reference_logprobs"]
-RPO_INPUTS = ["preference_groups", "reward_scores", "reward_stats"]
 
 
-def create_pipeline(namespace: str = "dpo", **kwargs) -> Pipeline:
-    """``<namespace>.policy_model`` and ``<namespace>.train_metrics`` from params ``<namespace>``.
-
-    ``rpo`` also reads the reward model's scores; every other namespace trains a DPO-family loss.
-    """
-    rpo = namespace == "rpo"
-    inputs = [*SHARED, *RPO_INPUTS] if rpo else SHARED
+def create_pipeline(method: str = "dpo", **kwargs) -> Pipeline:
+    """``<method>.policy_model``, ``<method>.training_history`` and ``<method>.train_metrics``
+    from params ``<method>``, by the method's node (``nodes.TRAINERS``)."""
+    if method not in TRAINERS:
+        raise ValueError(f"policy_training: unknown method {method!r}; known: {', '.join(TRAINERS)}")
+    train, extra = TRAINERS[method]
+    inputs = [*SHARED, *extra]
     template = Pipeline([
-        Node(
-            train_rpo_policy if rpo else train_policy,
-            inputs=[*inputs, "params:policy"],
-            outputs=["policy_model", "train_metrics"],
-            name="train_policy",
-        ),
+        Node(train, inputs=[*inputs, "params:policy"],
+             outputs=["policy_model", "training_history", "train_metrics"], name="train_policy"),
     ])
-    return Pipeline(template, namespace=namespace, inputs=set(inputs),
-                    parameters={"params:policy": f"params:{namespace}"})
+    return Pipeline(template, namespace=method, inputs=set(inputs),
+                    parameters={"params:policy": f"params:{method}"})

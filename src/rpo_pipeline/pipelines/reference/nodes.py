@@ -11,7 +11,7 @@ import pandas as pd
 from transformers import AutoModelForCausalLM
 
 from rpo_pipeline.datasets import PretrainedHandle
-from rpo_pipeline.fingerprint import CacheHit, Fingerprinted, fingerprint, result_params
+from rpo_pipeline.fingerprint import CachedStage, CacheHit, Fingerprinted, fingerprint, result_params
 from rpo_pipeline.jobs import InferenceJob, SftJob, Split, fit, infer
 from rpo_pipeline.params import DataProcessingParams, ReferenceParams
 from rpo_pipeline.precision import resolve_precision
@@ -19,8 +19,9 @@ from rpo_pipeline.reference import (
     LOGPROB_VERSION,
     reference_table,
     select_examples,
+    sft_items,
 )
-from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories, scalars
+from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories
 from rpo_pipeline.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     Returns the stored model untouched when base model, tokenizer, training data and SFT parameters
     are unchanged (``reference.sft_cache_hit``). ``sft.steps: 0`` keeps the base model as π_ref.
     """
-    t0 = time.perf_counter()
+    stage = CachedStage("SFT", hit_key="sft_cache_hit", seconds_key="sft_seconds")
     p = ReferenceParams.parse(params)
     sft = p.sft
     device = resolve_device(p.device)
@@ -59,21 +60,16 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     fp = fingerprint("sft", SFT_VERSION, Path(base_model.path), Path(tokenizer.path),
                      train_rows[_KEYED], result_params(sft.model_dump()), device.type,
                      resolve_precision(sft.precision, device))
-    if fp == stored_fingerprint:
-        seconds = time.perf_counter() - t0
-        log.info("SFT cache hit (%s): reusing the stored model, %.3f s", fp[:12], seconds)
-        return CacheHit(fp), scalars({"sft_cache_hit": 1, "sft_seconds": seconds})
+    if (hit := stage.reuse(fp, stored_fingerprint)) is not None:
+        return hit
 
     model = base_model.load()
-    metrics: dict[str, float] = {"sft_cache_hit": 0}
+    metrics: dict[str, float] = {}
     payload: MetricsPayload = {}
     if sft.steps > 0:
         val_rows = _sft_rows(tokenized, sft_targets, pairs, "val", sft.responses)
         job = SftJob(str(base_model.path), tokenizer.load().pad_token_id, p.model_dump(),
-                     Split(list(zip(train_rows["input_ids"], train_rows["response_start"], strict=True)),
-                           train_rows["length"].tolist()),
-                     Split(list(zip(val_rows["input_ids"], val_rows["response_start"], strict=True)),
-                           val_rows["length"].tolist()))
+                     Split(*sft_items(train_rows)), Split(*sft_items(val_rows)))
         model, result, val = fit("sft", job, sft.num_processes, sft.backend, p.device, lambda: model,
                                  AutoModelForCausalLM.from_pretrained)
         payload = histories({"sft_loss": result.history["loss"]}, result.log_steps)
@@ -85,8 +81,7 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
                  "loss %.3f", sft.steps, sft.num_processes, result.seconds, result.items_per_second,
                  result.history["loss"][-1], val["val_loss"])
     model.cpu()
-    metrics["sft_seconds"] = time.perf_counter() - t0
-    return Fingerprinted(model, fp), payload | scalars(metrics)
+    return Fingerprinted(model, fp), payload | stage.computed(metrics)
 
 
 def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
@@ -98,7 +93,7 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
     The fingerprint covers the reference weights, the tokenizer, the template, the length limits
     and the tokenized data; on a match the stored table is kept and the model is never loaded.
     """
-    t0 = time.perf_counter()
+    stage = CachedStage("reference log-prob")
     p, data = ReferenceParams.parse(params), DataProcessingParams.parse(data_params)
     rows = tokenized[tokenized["split"].isin(["train", "val"])].reset_index(drop=True)
     formatting = data.model_dump(include={"template", "use_chat_template", "max_prompt_length",
@@ -108,24 +103,21 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
     fp = fingerprint("reference_logprobs", LOGPROB_VERSION, sft_model.content_hash(),
                      Path(tokenizer.path), formatting, rows[_KEYED], device.type,
                      {"fp32": "float32"}.get(precision, precision))
-    if fp == stored_fingerprint:
-        seconds = time.perf_counter() - t0
-        log.info("reference log-prob cache hit (%s): %.3f s", fp[:12], seconds)
-        return CacheHit(fp), scalars({"cache_hit": 1, "cache_seconds": seconds})
+    if (hit := stage.reuse(fp, stored_fingerprint)) is not None:
+        return hit
 
     t1 = time.perf_counter()
-    job = InferenceJob("logprobs", str(sft_model.path), p.device, {
+    job = InferenceJob("response_logps", str(sft_model.path), p.device, {
         "input_ids": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
         "pad_id": tokenizer.load().pad_token_id, "batch_size": p.logprobs.batch_size},
         precision=precision)
     logp, n = infer(job, p.logprobs.num_processes, p.logprobs.backend, sft_model.load)
     compute = time.perf_counter() - t1
     table = reference_table(rows, logp, n)
-    seconds = time.perf_counter() - t0
     log.info("reference log-probs: %d sequences in %.1f s (%.0f seq/s)", len(rows), compute,
              len(rows) / compute)
-    return Fingerprinted(table, fp), scalars({
-        "cache_hit": 0, "cache_seconds": seconds, "cache_sequences": len(rows),
+    return Fingerprinted(table, fp), stage.computed({
+        "cache_sequences": len(rows),
         "cache_sequences_per_second": len(rows) / compute,
         "cache_world_size": p.logprobs.num_processes,
         "cache_precision_bits": PRECISION_BITS[precision]})

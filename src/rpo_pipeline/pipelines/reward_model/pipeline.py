@@ -18,7 +18,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["sft_model", "base_model", "tokenizer", "tokenized_examples",
                         "preference_pairs", "reward_model_stored_fingerprint",
                         "params:reward_model"],
-                outputs=["reward_model", "reward_model_train_metrics"],
+                outputs=["reward_model", "reward_model.training_history",
+                         "reward_model_train_metrics"],
                 name="train_reward_model",
             ),
             Node(
@@ -36,7 +37,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 package_reward_model,
-                inputs=["reward_model", "tokenizer", "params:data_processing", "params:reward_model"],
+                inputs=["reward_model", "tokenizer", "reward_model.training_history",
+                        "params:data_processing", "params:reward_model"],
                 outputs="reward_model.mlflow_model",
                 name="package_reward_model",
             ),

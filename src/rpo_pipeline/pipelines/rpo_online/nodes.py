@@ -40,10 +40,10 @@ def sample_round(policy: PretrainedHandle, tokenizer: PretrainedHandle,
     job = InferenceJob("generate", str(policy.path), p.device, {
         "prompts": prompts["prompt_ids"].tolist(), "cfg": cfg, "eos_id": tok.eos_token_id,
         "pad_id": tok.pad_token_id, "greedy": False, "progress": p.train.progress,
-        "desc": f"{p.name} round {round_index}: sample"}, precision=p.train.precision)
+        "desc": f"{p.group} round {round_index}: sample"}, precision=p.train.precision)
     completions, logps = infer(job, p.train.num_processes, p.train.backend, policy.load)
     samples = sample_groups(prompts, completions, logps)
-    log.info("%s round %d: %d prompts x %d samples in %.1f s", p.name, round_index, len(prompts),
+    log.info("%s round %d: %d prompts x %d samples in %.1f s", p.group, round_index, len(prompts),
              cfg.n_samples, time.perf_counter() - t0)
     return samples
 
@@ -63,19 +63,20 @@ def label_round(samples: pd.DataFrame, reward_model: PretrainedHandle, sft_model
     rewards = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
         "sequences": seqs, "response_starts": starts, "pad_id": pad, "batch_size": p.sampling.batch_size},
         precision=t.precision), t.num_processes, t.backend, lambda: reward_model.load(device=p.device))
-    ref_logp, _ = infer(InferenceJob("logprobs", str(sft_model.path), p.device, {
+    ref_logp, _ = infer(InferenceJob("response_logps", str(sft_model.path), p.device, {
         "input_ids": seqs, "response_starts": starts, "pad_id": pad, "batch_size": p.sampling.batch_size,
         "progress": False}, precision=t.precision), t.num_processes, t.backend, sft_model.load)
     out = samples.assign(reward=np.asarray(rewards, dtype=float), ref_logp=ref_logp)
     targets = reward_targets(out, out, reward_stats, "reward_model", p.reward_normalization)
     out = out.merge(targets, on=["group_id", "response_index"], how="left")
-    log.info("%s: labelled %d samples in %.1f s; reward mean %.3f", p.name, len(out),
+    log.info("%s: labelled %d samples in %.1f s; reward mean %.3f", p.group, len(out),
              time.perf_counter() - t0, out["reward"].mean())
     return out
 
 
 def train_round(policy: PretrainedHandle, tokenizer: PretrainedHandle, labelled: pd.DataFrame,
-                params: dict[str, Any], *, round_index: int) -> tuple[Any, MetricsPayload]:
+                params: dict[str, Any], *, round_index: int
+                ) -> tuple[Any, MetricsPayload, MetricsPayload]:
     """``train.steps`` RPO steps on this round's samples, from the current policy.
 
     Besides the training curves, logs the samples' reward-model score (of the policy that entered
@@ -91,9 +92,9 @@ def train_round(policy: PretrainedHandle, tokenizer: PretrainedHandle, labelled:
                         labelled[["group_id", "response_index", "target"]], "train")
     job = PolicyJob("rpo_online", str(policy.path), tokenizer.load().pad_token_id, p.model_dump(),
                     Split(*items), Split([], []))
-    model, metrics = run_policy_job(policy, job, p)
+    model, history, metrics = run_policy_job(policy, job, p)
     spread = labelled.groupby("group_id")["reward"].std(ddof=0).mean()
-    return model, metrics | scalars({
+    return model, history, metrics | scalars({
         "sample_reward_mean": float(labelled["reward"].mean()),
         "sample_reward_spread": float(spread),
         "sample_tokens_mean": float(labelled["tokens"].mean()),

@@ -1,8 +1,9 @@
 """rpo_online wiring: ``rounds`` namespaced instances of one round template.
 
 Round r (namespace ``rpo_online.round_<r>``) reads ``previous_policy`` (π_SFT for round 1, else
-``rpo_online.round_<r-1>.policy_model``) and writes ``policy_model`` and ``train_metrics``; the
-last round's policy is ``rpo_online.policy_model``.
+``rpo_online.round_<r-1>.policy_model``) and writes ``policy_model``, ``training_history`` and
+``train_metrics``; the last round's policy and history are ``rpo_online.policy_model`` and
+``rpo_online.training_history``.
 """
 
 from functools import partial, update_wrapper
@@ -30,7 +31,7 @@ def round_template(r: int) -> Pipeline:
              outputs="labelled_samples", name="label_round"),
         Node(_for_round(train_round, r),
              inputs=["previous_policy", "tokenizer", "labelled_samples", "params:rpo_online"],
-             outputs=["policy_model", "train_metrics"], name="train_round"),
+             outputs=["policy_model", "training_history", "train_metrics"], name="train_round"),
     ])
 
 
@@ -41,7 +42,8 @@ def create_pipeline(rounds: int = 2, **kwargs) -> Pipeline:
     out = Pipeline([])
     for r in range(1, rounds + 1):
         previous = "sft_model" if r == 1 else f"rpo_online.round_{r - 1}.policy_model"
-        outputs = {"policy_model": "rpo_online.policy_model"} if r == rounds else None
+        outputs = ({"policy_model": "rpo_online.policy_model",
+                    "training_history": "rpo_online.training_history"} if r == rounds else None)
         out += Pipeline(round_template(r), namespace=f"rpo_online.round_{r}",
                         inputs={"previous_policy": previous, **{s: s for s in SHARED}},
                         outputs=outputs, parameters={"params:rpo_online"})

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import mlflow_runs
+from helpers import mlflow_runs
 
 from rpo_pipeline.locks import RUN_LOCK_FILE, RunLock, RunLockedError, prepare_sqlite_store, run_info
 

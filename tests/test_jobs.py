@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import base_params
+from helpers import base_params
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rpo_pipeline.distributed import WorkerError
@@ -32,6 +32,7 @@ from rpo_pipeline.jobs import (
     merge_shards,
 )
 from rpo_pipeline.params import SamplingConfig
+from rpo_pipeline.policy import PreferencePair, ResponseGroup
 from rpo_pipeline.reward_model import RewardModel, RewardModelConfig
 from rpo_pipeline.training import CHECKPOINT_STATE, shard
 
@@ -70,8 +71,8 @@ def _pairs(n: int, seed: int) -> Split:
     items = []
     for _ in range(n):
         w, lo = _seq(g), _seq(g)
-        items.append((w, 3, lo, 3, -float(len(w)) * 3.5, -float(len(lo)) * 3.6))
-    return Split(items, [max(len(i[0]), len(i[2])) for i in items])
+        items.append(PreferencePair(w, 3, lo, 3, -float(len(w)) * 3.5, -float(len(lo)) * 3.6))
+    return Split(items, [max(len(i.chosen_input_ids), len(i.rejected_input_ids)) for i in items])
 
 
 def _groups(n: int, k: int, seed: int) -> Split:
@@ -79,9 +80,9 @@ def _groups(n: int, k: int, seed: int) -> Split:
     items = []
     for _ in range(n):
         seqs = [_seq(g) for _ in range(k)]
-        items.append((seqs, [3] * k, [-3.5 * len(s) for s in seqs],
-                      torch.randn(k, generator=g).tolist()))
-    return Split(items, [max(len(s) for s in i[0]) for i in items])
+        items.append(ResponseGroup(seqs, [3] * k, [-3.5 * len(s) for s in seqs],
+                                   torch.randn(k, generator=g).tolist()))
+    return Split(items, [max(len(s) for s in i.input_ids) for i in items])
 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -185,8 +186,8 @@ def test_sharded_inference_equals_one_process(lm_dir, tmp_path):
     starts = [2] * len(seqs)
     args = {"input_ids": seqs, "response_starts": starts, "pad_id": PAD, "batch_size": 5,
             "progress": False}
-    one = infer(InferenceJob("logprobs", lm_dir, "cpu", args), 1, "gloo")
-    two = infer(InferenceJob("logprobs", lm_dir, "cpu", args), 2, "gloo")
+    one = infer(InferenceJob("response_logps", lm_dir, "cpu", args), 1, "gloo")
+    two = infer(InferenceJob("response_logps", lm_dir, "cpu", args), 2, "gloo")
     assert np.abs(one[0]).min() > 0 and np.array_equal(one[1], two[1])
     np.testing.assert_allclose(two[0], one[0], rtol=0, atol=1e-6)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TableLM, train_config
+from helpers import TableLM, train_config
 
+from rpo_pipeline.reference import SftExample
 from rpo_pipeline.training import CHECKPOINT_STATE, train
 
 WORKER = str(Path(__file__).with_name("train_worker.py"))
@@ -87,7 +88,7 @@ def test_non_finite_gradient_skips_the_optimizer_step(bad):
     """In process: at the bad step the error comes before any weight moves."""
     torch.manual_seed(0)
     model = TableLM()
-    items = [([1, 2, 3, 4], 1)] * 8
+    items = [SftExample([1, 2, 3, 4], 1)] * 8
     seen = {"calls": 0, "before": None}
 
     def loss_fn(m, batch):

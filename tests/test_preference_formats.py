@@ -1,4 +1,5 @@
-"""Every input format and file type reaches the same canonical groups."""
+"""rpo_pipeline.preference_formats: each input format parsed into groups, format detection, rows
+that do not fit their format."""
 
 from __future__ import annotations
 
@@ -7,22 +8,22 @@ import json
 import pandas as pd
 import pytest
 
-from rpo_pipeline.preference_data import (
-    PreferenceDataError,
-    detect_format,
-    ingest,
-    read_preference_files,
-    write_jsonl,
-)
+from rpo_pipeline.preference_formats import PreferenceDataError, detect_format
+from rpo_pipeline.preference_groups import ingest
 
-PAIRS = [
+QA_PAIRS = [
     {"prompt": "Is the sky blue?", "chosen": "Yes, on a clear day.", "rejected": "No."},
     {"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A chair."},
 ]
 
+# ---- prompt-only and raw-text data (issue 14) ---------------------------------------------------
+TEXTS = ["This movie was a slow burn but the ending paid off in every way.",
+         "I could not stop laughing , the cast is wonderful and the script sharp .",
+         "Terrible   sound, worse acting; skip it unless you enjoy pain and boredom."]
+
 
 def test_pairs_plain():
-    res = ingest(pd.DataFrame(PAIRS))
+    res = ingest(pd.DataFrame(QA_PAIRS))
     assert res.format == "pairs"
     assert res.groups["responses"].tolist() == [["Yes, on a clear day.", "No."],
                                                 ["An apple.", "A chair."]]
@@ -31,17 +32,17 @@ def test_pairs_plain():
 
 
 def test_pairs_with_scores():
-    rows = [dict(r, score_chosen=8.0, score_rejected=3.5) for r in PAIRS]
+    rows = [dict(r, score_chosen=8.0, score_rejected=3.5) for r in QA_PAIRS]
     res = ingest(pd.DataFrame(rows))
     assert res.groups["scores"].tolist() == [[8.0, 3.5], [8.0, 3.5]]
 
 
 def test_pairs_scores_inside_metadata_dict():
     """UltraFeedback keeps scores in a `metadata` dict; they are found without configuration."""
-    rows = [dict(r, metadata={"score_chosen": 9, "score_rejected": 2}) for r in PAIRS]
+    rows = [dict(r, metadata={"score_chosen": 9, "score_rejected": 2}) for r in QA_PAIRS]
     res = ingest(pd.DataFrame(rows))
     assert res.groups["scores"].tolist() == [[9.0, 2.0], [9.0, 2.0]]
-    res2 = ingest(pd.DataFrame([dict(r, meta={"a": 7, "b": 1}) for r in PAIRS]),
+    res2 = ingest(pd.DataFrame([dict(r, meta={"a": 7, "b": 1}) for r in QA_PAIRS]),
                   columns={"score_chosen": "meta.a", "score_rejected": "meta.b"})
     assert res2.groups["scores"].tolist() == [[7.0, 1.0], [7.0, 1.0]]
 
@@ -119,66 +120,6 @@ def test_undetectable_columns_list_found_and_supported():
 def test_forced_format_with_missing_column():
     with pytest.raises(PreferenceDataError, match=r"needs the columns .* missing \['prompt'\]"):
         ingest(pd.DataFrame([{"chosen": "a", "rejected": "b"}]), fmt="pairs")
-
-
-ROWS = [
-    {"prompt": "p1", "chosen": "c1", "rejected": "r1", "score_chosen": 2.0, "score_rejected": 1.0},
-    {"prompt": "p2", "chosen": "c2", "rejected": "r2", "score_chosen": 5.0, "score_rejected": 0.5},
-]
-
-
-@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.json", "d.json.gz", "d.parquet",
-                                  "d.csv", "d.csv.gz"])
-def test_file_types_read_the_same(tmp_path, name):
-    path = tmp_path / name
-    df = pd.DataFrame(ROWS)
-    if ".jsonl" in name:
-        write_jsonl(ROWS, str(path))
-    elif ".json" in name:
-        df.to_json(path, orient="records")
-    elif ".parquet" in name:
-        df.to_parquet(path)
-    else:
-        df.to_csv(path, index=False)
-    raw = read_preference_files(str(path))
-    assert raw["_source_row"].tolist() == [1, 2]
-    groups = ingest(raw).groups
-    assert groups["responses"].tolist() == [["c1", "r1"], ["c2", "r2"]]
-    assert groups["scores"].tolist() == [[2.0, 1.0], [5.0, 0.5]]
-
-
-def test_scored_lists_from_parquet_and_csv(tmp_path):
-    rows = [{"prompt": "p", "responses": ["a", "b", "c"], "scores": [1.0, 0.0, 0.5]}]
-    pd.DataFrame(rows).to_parquet(tmp_path / "s.parquet")
-    pd.DataFrame([{"prompt": "p", "responses": json.dumps(["a", "b", "c"]),
-                   "scores": json.dumps([1.0, 0.0, 0.5])}]).to_csv(tmp_path / "s.csv", index=False)
-    for f in ("s.parquet", "s.csv"):
-        g = ingest(read_preference_files(str(tmp_path / f))).groups.iloc[0]
-        assert list(g["responses"]) == ["a", "b", "c"] and list(g["scores"]) == [1.0, 0.0, 0.5]
-
-
-def test_glob_reads_every_file_and_keeps_its_name(tmp_path):
-    write_jsonl(ROWS[:1], str(tmp_path / "a.jsonl"))
-    write_jsonl(ROWS[1:], str(tmp_path / "b.jsonl.gz"))
-    raw = read_preference_files(str(tmp_path / "*.jsonl*"))
-    assert [p.rsplit("/", 1)[1] for p in raw["_source_file"]] == ["a.jsonl", "b.jsonl.gz"]
-    assert len(ingest(raw).groups) == 2
-
-
-def test_missing_file_and_bad_json_are_named(tmp_path):
-    with pytest.raises(PreferenceDataError, match="nope.jsonl: no such file"):
-        read_preference_files(str(tmp_path / "nope.jsonl"))
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
-    with pytest.raises(PreferenceDataError, match=r"bad.jsonl: row 2: the line is cut off in the middle "
-                                                  r"of its JSON"):
-        ingest(read_preference_files(str(bad)))  # a row-level problem: on_invalid decides
-
-
-# ---- prompt-only and raw-text data (issue 14) ---------------------------------------------------
-TEXTS = ["This movie was a slow burn but the ending paid off in every way.",
-         "I could not stop laughing , the cast is wonderful and the script sharp .",
-         "Terrible   sound, worse acting; skip it unless you enjoy pain and boredom."]
 
 
 def test_prompts_only_are_detected_and_keep_no_responses():
