@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,35 @@ def kedro_env(project: Path, name: str, like: str | None = None,
         entries[key] = {**entries.get(key, {}), **fields}
     path.write_text(yaml.safe_dump(entries, sort_keys=False))
     return name
+
+
+# ---- small preference files (tests of reading and validation) -------------------------------------
+PAIRS = [{"prompt": f"prompt {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def write_file(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def load(path: Path | str, on_invalid: str = "raise"):
+    """Read and ingest a preference file, as the data_processing pipeline does."""
+    from rpo_pipeline.datasets import read_preference_files
+    from rpo_pipeline.preference_groups import ingest
+
+    return ingest(read_preference_files(str(path)), on_invalid=on_invalid)
+
+
+def fails(path: Path | str, on_invalid: str = "raise") -> str:
+    """The message of the ``PreferenceDataError`` that reading ``path`` raises."""
+    from rpo_pipeline.preference_formats import PreferenceDataError
+
+    with pytest.raises(PreferenceDataError) as e:
+        load(path, on_invalid)
+    return str(e.value)

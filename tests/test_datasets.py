@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from helpers import PAIRS, fails, jsonl, load, write_file
 from kedro.io import DatasetError
 
 from rpo_pipeline.datasets import (
@@ -29,26 +30,8 @@ from rpo_pipeline.fingerprint import CacheHit, Fingerprinted
 from rpo_pipeline.preference_formats import PreferenceDataError
 from rpo_pipeline.preference_groups import ingest
 
-PAIRS = [{"prompt": f"prompt {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
-
-def jsonl(rows: list[dict]) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
-
-def load(path: Path | str, on_invalid: str = "raise"):
-    return ingest(read_preference_files(str(path)), on_invalid=on_invalid)
-
-def fails(path: Path | str, on_invalid: str = "raise") -> str:
-    with pytest.raises(PreferenceDataError) as e:
-        load(path, on_invalid)
-    return str(e.value)
 
 # ---- file-level problems: the same error under either policy -------------------------------------
-def _write(tmp_path: Path, name: str, data: bytes) -> Path:
-    path = tmp_path / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
 def _truncated(compress, data: bytes) -> bytes:
     packed = compress(data)
     return packed[: len(packed) // 2]
@@ -113,14 +96,14 @@ ROWS = [
 @pytest.mark.parametrize(("name", "data", "expected"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
 @pytest.mark.parametrize("on_invalid", ["raise", "drop"])
 def test_bad_file_fails_with_file_and_reason(tmp_path, name, data, expected, on_invalid):
-    path = _write(tmp_path, name, data)
+    path = write_file(tmp_path, name, data)
     message = fails(path, on_invalid)
     assert message.startswith(str(path)), message
     assert __import__("re").search(expected, message), message
 
 
 def test_every_line_unreadable_names_the_first_bad_row(tmp_path):
-    path = _write(tmp_path, "all_bad.jsonl", b"{not json}\n[1, 2]\n")
+    path = write_file(tmp_path, "all_bad.jsonl", b"{not json}\n[1, 2]\n")
     assert "all_bad.jsonl: row 1: invalid JSON" in fails(path, "drop")
 
 
@@ -133,7 +116,7 @@ def test_glob_matching_no_file(tmp_path):
 
 
 def test_a_file_cut_off_mid_line_keeps_every_complete_row(tmp_path):
-    path = _write(tmp_path, "cut.jsonl", jsonl(PAIRS) + b'{"prompt": "p", "chos')
+    path = write_file(tmp_path, "cut.jsonl", jsonl(PAIRS) + b'{"prompt": "p", "chos')
     assert "row 41: the line is cut off in the middle of its JSON (Unterminated string) at the end of " \
            "the file: truncated?" in fails(path)
     result = load(path, "drop")
@@ -145,16 +128,16 @@ def test_compressed_files_read_like_plain_ones(tmp_path):
     for name, packed in [("a.jsonl.gz", gzip.compress(data)), ("b.jsonl.bz2", bz2.compress(data)),
                          ("c.jsonl.xz", lzma.compress(data)), ("d.jsonl.gz", gzip.compress(data[:500])
                                                                  + gzip.compress(data[500:]))]:
-        frame = read_preference_files(str(_write(tmp_path / name[0], name, packed)))
+        frame = read_preference_files(str(write_file(tmp_path / name[0], name, packed)))
         assert len(frame) == len(PAIRS) and frame["prompt"].tolist() == [r["prompt"] for r in PAIRS], name
 
 
 def test_through_the_kedro_dataset_the_message_is_kept(tmp_path):
     """The catalog entry wraps the error in Kedro's DatasetError; file, row and reason survive."""
-    path = _write(tmp_path, "t.jsonl.gz", _truncated(gzip.compress, jsonl(PAIRS * 20)))
+    path = write_file(tmp_path, "t.jsonl.gz", _truncated(gzip.compress, jsonl(PAIRS * 20)))
     with pytest.raises(DatasetError, match=r"t.jsonl.gz: the gzip data is truncated or corrupt"):
         PreferenceFileDataset(filepath=str(path)).load()
-    ok = PreferenceFileDataset(filepath=str(_write(tmp_path, "ok.jsonl", jsonl(PAIRS)))).load()
+    ok = PreferenceFileDataset(filepath=str(write_file(tmp_path, "ok.jsonl", jsonl(PAIRS)))).load()
     assert isinstance(ok, pd.DataFrame) and len(ok) == len(PAIRS)
 
 

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from helpers import mlflow_runs, run_kedro, shared_file
+from helpers import kedro_env, mlflow_runs, run_kedro, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -39,28 +39,29 @@ def test_default_run_logs_counts_and_splits_by_prompt(project_copy):
     assert (project_copy / "data/06_models/base_model/model.safetensors").exists()
 
 
-def _run_env(project, env, data_path):
-    catalog = project / "conf" / env / "catalog.yml"
-    text = catalog.read_text()
-    catalog.write_text(text.replace(text.split("filepath: ")[1].split("\n")[0], str(data_path)))
-    run_kedro(project, ["data_processing"], env=env)
-    return _metrics(project)[1]
+def _data_processing_on(project, env, data_path):
+    """`kedro run --pipelines=data_processing` with ``env``'s settings on ``data_path`` (a
+    temporary env: ``env``'s files with raw_preferences pointing there)."""
+    run_kedro(project, ["data_processing"], env=kedro_env(
+        project, f"test_{env}", like=env, catalog={"raw_preferences": {"filepath": str(data_path)}}))
+    m = _metrics(project)[1]
+    assert m["rows_in"] == m["rows_out"] + m["rows_dropped"]
+    return m, pd.read_parquet(project / "data/03_primary/preference_groups.parquet")
 
 
 def test_hh_env(project_copy):
-    path = shared_file("hh_rlhf/helpful-base_test.jsonl.gz")
-    m = _run_env(project_copy, "hh_rlhf", path)
-    assert m["rows_in"] == 2354 == m["rows_out"] + m["rows_dropped"]
+    m, groups = _data_processing_on(project_copy, "hh_rlhf",
+                                    shared_file("hh_rlhf/helpful-base_test.jsonl.gz"))
+    assert m["rows_in"] == 2354
     dropped = pd.read_csv(project_copy / "data/02_intermediate/dropped_rows.csv")
     assert len(dropped) == m["rows_dropped"] and dropped["reason"].notna().all()
-    groups = pd.read_parquet(project_copy / "data/03_primary/preference_groups.parquet")
     assert groups.groupby("prompt")["split"].nunique().max() == 1
 
 
 def test_ultrafeedback_env(project_copy):
-    path = shared_file("ultrafeedback_binarized_1k/train_clean.jsonl")
-    m = _run_env(project_copy, "ultrafeedback", path)
-    assert m["rows_in"] == 1000 == m["rows_out"] + m["rows_dropped"]
+    m, _ = _data_processing_on(project_copy, "ultrafeedback",
+                               shared_file("ultrafeedback_binarized_1k/train_clean.jsonl"))
+    assert m["rows_in"] == 1000
     pairs = pd.read_parquet(project_copy / "data/03_primary/preference_pairs.parquet")
     assert len(pairs) == m["rows_out"] and pairs["score_chosen"].notna().all()
     assert (pairs["score_chosen"] >= pairs["score_rejected"]).all()

@@ -3,14 +3,12 @@ dropped and counted: rows in = rows out + rows dropped), the split by prompt, pa
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import DEFAULT_DATA
+from helpers import DEFAULT_DATA, PAIRS, fails, jsonl, load, write_file
 
 from rpo_pipeline.datasets import read_preference_files, write_jsonl
 from rpo_pipeline.preference_formats import PreferenceDataError
@@ -67,26 +65,7 @@ def _write_rows(tmp_path, fmt, bad):
     write_jsonl(rows, str(path))
     return path
 
-PAIRS = [{"prompt": f"prompt {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
-
-def jsonl(rows: list[dict]) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
-
-def load(path: Path | str, on_invalid: str = "raise"):
-    return ingest(read_preference_files(str(path)), on_invalid=on_invalid)
-
-def fails(path: Path | str, on_invalid: str = "raise") -> str:
-    with pytest.raises(PreferenceDataError) as e:
-        load(path, on_invalid)
-    return str(e.value)
-
 # ---- file-level problems: the same error under either policy -------------------------------------
-def _write(tmp_path: Path, name: str, data: bytes) -> Path:
-    path = tmp_path / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
 # ---- row-level problems: raise names file and row; drop counts and reports them ------------------
 ROW_CASES = [
     (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
@@ -160,9 +139,9 @@ def test_raise_is_the_default_and_rows_balance_on_real_hh():
 
 
 def test_files_of_different_formats_under_one_glob(tmp_path):
-    _write(tmp_path, "a_pairs.jsonl", jsonl(PAIRS[:3]))
-    _write(tmp_path, "b_scored.jsonl", jsonl([{"prompt": "q", "responses": ["x", "y"], "scores": [1.0, 0.0]}]))
-    _write(tmp_path, "c_scored_pairs.jsonl", jsonl([{**PAIRS[5], "score_chosen": 2.0, "score_rejected": 1.0}]))
+    write_file(tmp_path, "a_pairs.jsonl", jsonl(PAIRS[:3]))
+    write_file(tmp_path, "b_scored.jsonl", jsonl([{"prompt": "q", "responses": ["x", "y"], "scores": [1.0, 0.0]}]))
+    write_file(tmp_path, "c_scored_pairs.jsonl", jsonl([{**PAIRS[5], "score_chosen": 2.0, "score_rejected": 1.0}]))
     message = fails(tmp_path / "*.jsonl")
     assert message.startswith("files of different formats under one path:")
     for part in ("a_pairs.jsonl: pairs;", "b_scored.jsonl: scored;", "c_scored_pairs.jsonl: pairs with scores"):
@@ -174,7 +153,7 @@ def test_files_of_different_formats_under_one_glob(tmp_path):
     # one format across files is fine, rows from every file
     for p in tmp_path.glob("[bc]_*"):
         p.unlink()
-    _write(tmp_path, "d_pairs.jsonl", jsonl(PAIRS[3:6]))
+    write_file(tmp_path, "d_pairs.jsonl", jsonl(PAIRS[3:6]))
     assert load(tmp_path / "*.jsonl").counts == {"rows_in": 6, "rows_out": 6, "rows_dropped": 0}
 
 
@@ -182,7 +161,7 @@ def test_files_of_different_formats_under_one_glob(tmp_path):
 def test_bad_row_raises_with_file_row_reason_or_is_dropped_and_counted(tmp_path, bad_line, expected):
     scored = "score_chosen" in bad_line.decode("utf-8", "replace")
     good = [{**r, "score_chosen": 1.0, "score_rejected": 0.0} if scored else r for r in PAIRS[:4]]
-    path = _write(tmp_path, "rows.jsonl", jsonl(good[:2]) + bad_line + jsonl(good[2:]))
+    path = write_file(tmp_path, "rows.jsonl", jsonl(good[:2]) + bad_line + jsonl(good[2:]))
     message = fails(path)
     assert message.startswith(f"{path}: row 3: ") and __import__("re").search(expected, message), message
 
@@ -196,7 +175,7 @@ def test_bad_row_raises_with_file_row_reason_or_is_dropped_and_counted(tmp_path,
 def test_mixed_row_problems_are_all_reported(tmp_path):
     lines = (jsonl(PAIRS[:3]) + b'{"prompt": "\xff"}\n' + b"{oops}\n"
              + jsonl([{**PAIRS[3], "chosen": PAIRS[3]["rejected"]}]) + jsonl(PAIRS[:1]))
-    result = load(_write(tmp_path, "mixed.jsonl", lines), "drop")
+    result = load(write_file(tmp_path, "mixed.jsonl", lines), "drop")
     assert result.counts == {"rows_in": 7, "rows_out": 3, "rows_dropped": 4}
     reasons = result.dropped.set_index("source_row")["reason"].to_dict()
     assert set(reasons) == {4, 5, 6, 7}

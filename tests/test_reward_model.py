@@ -9,20 +9,13 @@ import pytest
 import torch
 from helpers import DEFAULT_DATA, base_params, train_config
 
+from rpo_pipeline import reward_model
 from rpo_pipeline.base_model import make_base_model
 from rpo_pipeline.datasets import PretrainedDirDataset, read_preference_files
 from rpo_pipeline.losses import bradley_terry, reward_pair_loss_fn
 from rpo_pipeline.params import BaseModelParams
 from rpo_pipeline.preference_groups import assign_splits, groups_to_pairs, ingest
-from rpo_pipeline.reward_model import (
-    RewardModel,
-    RewardModelConfig,
-    RewardPair,
-    load_backbone,
-    pair_collate,
-    reward_pair_items,
-    score,
-)
+from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, load_backbone, pair_collate, reward_pair_items
 from rpo_pipeline.text_format import format_groups, tokenize_examples
 from rpo_pipeline.training import evaluate, train
 
@@ -96,8 +89,8 @@ def test_reward_model_learns_and_survives_save_load(setup, tmp_path):
     fresh = ds.load().load()
     seqs = [c for c, _, _ in val[:8]] + [r for _, r, _ in val[:8]]
     starts = [2] * len(seqs)
-    before = score(model, seqs, starts, setup["tok"].pad_token_id)
-    after = score(fresh, seqs, starts, setup["tok"].pad_token_id)
+    before = reward_model.score(model, seqs, starts, setup["tok"].pad_token_id)
+    after = reward_model.score(fresh, seqs, starts, setup["tok"].pad_token_id)
     assert after == pytest.approx(before, abs=1e-4)  # adapter and head both restored
 
 
@@ -105,6 +98,8 @@ def test_logits_head_and_full_precision_variant(setup):
     model = RewardModel.for_training(_config(setup, head_input="logits", load_in_4bit=False))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert model.head.in_features == len(setup["tok"])
+    from rpo_pipeline.reward_model import RewardPair
+
     batch = pair_collate(setup["tok"].pad_token_id)([RewardPair([5, 6, 7], [5, 6, 8, 9])])
     assert model(batch).shape == (2,)
     with pytest.raises(ValueError, match="head_input"):
