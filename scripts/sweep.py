@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-METHODS = ("dpo", "rpo", "rpo_online")
+from rpo_pipeline.params import POLICY_METHODS as METHODS
+
 EXPERIMENT = "rpo_pipeline"
 
 

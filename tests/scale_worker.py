@@ -29,7 +29,7 @@ def main(out: str, steps: int, resume: bool) -> None:
         w, lo = (torch.randint(2, 64, (int(n),), generator=g).tolist()
                  for n in torch.randint(6, 30, (2,), generator=g))
         items.append(PreferencePair(w, 3, lo, 3, -3.5 * len(w), -3.6 * len(lo)))
-    data = Split(items, [max(len(i[0]), len(i[2])) for i in items])
+    data = Split(items, [max(len(i.chosen_input_ids), len(i.rejected_input_ids)) for i in items])
     params = base_params("dpo", {"train.steps": steps, "train.batch_size": 4, "train.grad_accum": 2,
                                  "train.warmup_steps": 2, "train.log_every": 5, "train.eval_every": 0,
                                  "train.progress": False, "train.checkpoint_every": 2,

@@ -33,7 +33,7 @@ from rpo_pipeline.jobs import (
 )
 from rpo_pipeline.params import SamplingConfig
 from rpo_pipeline.policy import PreferencePair, ResponseGroup
-from rpo_pipeline.reward_model import RewardModel, RewardModelConfig
+from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, RewardPair
 from rpo_pipeline.training import CHECKPOINT_STATE, shard
 
 pytestmark = pytest.mark.slow
@@ -150,8 +150,8 @@ def test_lora_policy_on_two_processes_equals_one_process(lm_dir):
 
 def test_4bit_lora_reward_model_on_two_processes_equals_one_process(dropout_lm_dir):
     g = torch.Generator().manual_seed(7)
-    pairs = [(_seq(g), _seq(g), 0.0) for _ in range(40)]
-    train = Split(pairs, [max(len(c), len(r)) for c, r, _ in pairs])
+    pairs = [RewardPair(_seq(g), _seq(g)) for _ in range(40)]
+    train = Split(pairs, [max(len(p.chosen_input_ids), len(p.rejected_input_ids)) for p in pairs])
     val = Split(pairs[:10], train.lengths[:10])
     # the backbone has dropout 0.1: disable_dropout is what makes 2 processes equal 1
     config = RewardModelConfig(backbone_path=dropout_lm_dir, load_in_4bit=True, lora_r=4,

@@ -121,7 +121,7 @@ def test_reward_model_pipeline_trains_scores_and_hits(project_copy):
     stats = __import__("json").loads((project_copy / "data/07_model_output/reward_stats.json").read_text())
     assert stats["count"] == (scores["split"] == "train").sum() and stats["std"] > 0
 
-    history_file = project_copy / "data/08_reporting/training_history/reward_model.json"
+    history_file = project_copy / "data/06_models/training_history/reward_model.json"
     history = json.loads(history_file.read_text())
     assert history["data"]["val_accuracy"][0]["value"] == pytest.approx(m["val_accuracy"])
     assert history["fingerprint"] == json.loads(
@@ -231,7 +231,7 @@ def test_evaluation_pipeline_compares_policies_with_the_reference(project_copy):
     preview = ReportTableDataset(filepath=str(report / "evaluation_metrics.parquet")).preview(2)
     assert preview["columns"][0] == "policy" and len(preview["data"]) == 2
     # training histories are catalog datasets (<method>.training_history) the plots read
-    histories = project_copy / "data/08_reporting/training_history"
+    histories = project_copy / "data/06_models/training_history"
     for name in ("dpo", "rpo", "rpo_online", "reward_model"):
         data = json.loads((histories / f"{name}.json").read_text())
         data = data.get("data", data)  # the reward model's carries its cache fingerprint

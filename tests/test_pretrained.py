@@ -100,7 +100,7 @@ def test_4bit_reward_model_on_llama_trains_only_lora_and_head(checkpoints, tmp_p
           train_config(steps=3, batch_size=8, lr=1e-2, warmup_steps=0))
     assert any(not torch.equal(lora_b[n], p) for n, p in model.named_parameters() if "lora_B" in n)
     model.save_pretrained(str(tmp_path / "rm"))
-    seqs = [a for a, _ in items[:4]]
+    seqs = [i.chosen_input_ids for i in items[:4]]
     again = RewardModel.from_pretrained(str(tmp_path / "rm"))
     starts = [3] * len(seqs)
     assert score(again, seqs, starts, tok.pad_token_id) == pytest.approx(

@@ -91,9 +91,6 @@ class SerializeRuns:
             self._lock = None
 
 
-METHODS = ("dpo", "rpo", "rpo_online")
-
-
 def git_commit(project: Path) -> str:
     """The project's git commit (``-dirty`` when tracked files changed), or ``unknown``."""
     def git(*args: str) -> str:
@@ -119,7 +116,9 @@ class TagRuns:
         if mlflow.active_run() is None:  # tracking disabled for this pipeline
             return
         nodes = [n.name for n in pipeline.nodes]
-        methods = [m for m in METHODS if any(n.startswith(f"{m}.") for n in nodes)]
+        from rpo_pipeline.params import POLICY_METHODS
+
+        methods = [m for m in POLICY_METHODS if any(n.startswith(f"{m}.") for n in nodes)]
         project = Path(run_params.get("project_path") or Path.cwd())
         mlflow.set_tags({"rpo_pipeline.pipelines": ",".join(run_params.get("pipeline_names")
                                                             or ["__default__"]),

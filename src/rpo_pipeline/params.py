@@ -433,6 +433,9 @@ class GeneratePreferencesParams(Schema):
 
 
 # ---- the whole tree -----------------------------------------------------------------------------
+# the preference-trained policies, each a parameter group, a namespace and an evaluated policy
+POLICY_METHODS = (DpoParams.group, RpoParams.group, RpoOnlineParams.group)
+
 GROUPS: dict[str, type[Schema]] = {
     m.group: m for m in (BaseModelParams, DataProcessingParams, ReferenceParams, RewardModelParams,
                          DpoParams, RpoParams, RpoOnlineParams, EvaluationParams,

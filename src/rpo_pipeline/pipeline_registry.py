@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from kedro.pipeline import Pipeline
 
+from rpo_pipeline.params import POLICY_METHODS
 from rpo_pipeline.pipelines import (
     data_processing,
     evaluation,
@@ -57,7 +58,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     ref = reference.create_pipeline()
     rm = reward_model.create_pipeline()
     online = rpo_online.create_pipeline(rounds=shape["rounds"])
-    policies = ("dpo", "rpo", "rpo_online")
+    policies = POLICY_METHODS
     pipelines = {
         "data_processing": dp,
         "reference": dp + ref,

@@ -86,7 +86,7 @@ class FingerprintedJSONDataset(AbstractDataset[Any, Any]):
 
         reward_model.training_history:
           type: rpo_pipeline.datasets.FingerprintedJSONDataset
-          filepath: data/08_reporting/training_history/reward_model.json
+          filepath: data/06_models/training_history/reward_model.json
 
     Example (Python)::
 
@@ -185,7 +185,7 @@ class StoredFingerprintDataset(AbstractDataset[None, str | None]):
         reward_model_stored_fingerprint:
           type: rpo_pipeline.datasets.StoredFingerprintDataset
           filepath: data/06_models/reward_model
-          also: [data/08_reporting/training_history/reward_model.json]
+          also: [data/06_models/training_history/reward_model.json]
 
     Example (Python)::
 

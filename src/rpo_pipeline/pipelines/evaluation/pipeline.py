@@ -5,6 +5,8 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
+from rpo_pipeline.params import POLICY_METHODS
+
 from .nodes import (
     package_policy,
     pair_accuracy,
@@ -18,7 +20,7 @@ SHARED = ["tokenizer", "tokenized_prompts", "tokenized_examples", "preference_gr
           "reward_model", "reward_model.training_history"]
 
 
-def create_pipeline(policies: Sequence[str] = ("dpo", "rpo", "rpo_online"), **kwargs) -> Pipeline:
+def create_pipeline(policies: Sequence[str] = POLICY_METHODS, **kwargs) -> Pipeline:
     """Sample the reference (π_SFT) and each ``<policy>.policy_model``; score, compare, report."""
     # inside the template a policy model is ``<p>_policy_model``, mapped to ``<p>.policy_model``
     # (likewise ``<p>_training_history``)
