@@ -158,3 +158,13 @@ def fails(path: Path | str, on_invalid: str = "raise") -> str:
     with pytest.raises(PreferenceDataError) as e:
         load(path, on_invalid)
     return str(e.value)
+
+
+def checkpoint_step(out: Path) -> int:
+    """The step of the last checkpoint under ``out/ckpt`` (0 while there is none yet)."""
+    from rpo_pipeline.training import CHECKPOINT_STATE
+
+    try:
+        return json.loads((out / "ckpt" / "last" / CHECKPOINT_STATE).read_text())["step"]
+    except (OSError, ValueError):
+        return 0

@@ -7,7 +7,6 @@ reference log-probs, reward scores and samples do not depend on the number of pr
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import base_params
+from helpers import base_params, checkpoint_step
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rpo_pipeline.distributed import WorkerError
@@ -34,7 +33,7 @@ from rpo_pipeline.jobs import (
 from rpo_pipeline.params import SamplingConfig
 from rpo_pipeline.policy import PreferencePair, ResponseGroup
 from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, RewardPair
-from rpo_pipeline.training import CHECKPOINT_STATE, shard
+from rpo_pipeline.training import shard
 
 pytestmark = pytest.mark.slow
 VOCAB, PAD = 64, 0
@@ -221,12 +220,6 @@ def test_merge_shards_takes_each_entry_from_the_rank_that_computed_it():
 SCALE_WORKER = str(Path(__file__).with_name("scale_worker.py"))
 
 
-def _ckpt_step(out: Path) -> int:
-    try:
-        return json.loads((out / "ckpt" / "last" / CHECKPOINT_STATE).read_text())["step"]
-    except (OSError, ValueError):
-        return 0
-
 
 def test_sigkill_of_one_worker_fails_the_run_naming_it_and_resume_matches_uninterrupted(tmp_path):
     steps = 24
@@ -239,7 +232,7 @@ def test_sigkill_of_one_worker_fails_the_run_naming_it_and_resume_matches_uninte
     proc = subprocess.Popen([sys.executable, SCALE_WORKER, str(killed), str(steps), "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while _ckpt_step(killed) < 6 and proc.poll() is None and time.time() < deadline:
+    while checkpoint_step(killed) < 6 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
                if "spawn_main" in " ".join(c.cmdline())]
@@ -248,7 +241,7 @@ def test_sigkill_of_one_worker_fails_the_run_naming_it_and_resume_matches_uninte
     victim.send_signal(signal.SIGKILL)
     t0 = time.time()
     _, err = proc.communicate(timeout=120)
-    at = _ckpt_step(killed)
+    at = checkpoint_step(killed)
     assert proc.returncode != 0 and time.time() - t0 < 120  # fails, within a bounded time
     assert "WorkerError" in err and "killed by signal 9 (SIGKILL)" in err, err[-2000:]
     assert 0 < at < steps and not (killed / "final.pt").exists()

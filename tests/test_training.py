@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TableLM, train_config
+from helpers import TableLM, checkpoint_step, train_config
 
 from rpo_pipeline.reference import SftExample
 from rpo_pipeline.training import CHECKPOINT_STATE, train
@@ -26,12 +26,6 @@ def _run(out: Path, resume: bool, *extra: str) -> subprocess.CompletedProcess:
                            *extra], capture_output=True, text=True, timeout=300)
 
 
-def _step(out: Path) -> int:
-    try:
-        return json.loads((out / "ckpt" / "last" / CHECKPOINT_STATE).read_text())["step"]
-    except (OSError, ValueError):
-        return 0
-
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
@@ -41,11 +35,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([sys.executable, WORKER, str(killed), str(STEPS), "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while _step(killed) < 10 and proc.poll() is None and time.time() < deadline:
+    while checkpoint_step(killed) < 10 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    at = _step(killed)
+    at = checkpoint_step(killed)
     assert proc.returncode == -signal.SIGKILL and 0 < at < STEPS, (proc.returncode, at)
     assert not (killed / "final.pt").exists()
     leftovers = [p.name for p in (killed / "ckpt").iterdir() if p.name != "last"]
@@ -65,7 +59,7 @@ def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
     assert res.returncode != 0
     assert "FloatingPointError" in res.stderr and "at step 11" in res.stderr
     assert "last good checkpoint" in res.stderr
-    assert _step(out) == 10 and not (out / "final.pt").exists()
+    assert checkpoint_step(out) == 10 and not (out / "final.pt").exists()
 
 
 def test_nan_gradient_with_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -74,7 +68,7 @@ def test_nan_gradient_with_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_
     assert res.returncode != 0
     assert "FloatingPointError" in res.stderr and "gradient norm is nan at step 11" in res.stderr
     assert "last good checkpoint" in res.stderr
-    assert _step(out) == 10 and not (out / "final.pt").exists()
+    assert checkpoint_step(out) == 10 and not (out / "final.pt").exists()
     # accelerate's state files load with weights_only=True (no pickled code in them)
     last = out / "ckpt" / "last"
     assert json.loads((last / CHECKPOINT_STATE).read_text())["world_size"] == 1

@@ -12,6 +12,15 @@ from kedro.io.core import get_protocol_and_path
 from rpo_pipeline.atomic import atomic_file
 
 
+def _protocol(filepath: str) -> str:
+    return fsspec.core.split_protocol(str(filepath))[0] or "file"
+
+
+def _local(filepath: str) -> str:
+    """A local path or ``file://`` URL as kedro-datasets keeps it (relative paths stay relative)."""
+    return get_protocol_and_path(str(filepath))[1]
+
+
 class FsPath:
     """``filepath`` (a local path or an fsspec URL such as ``s3://bucket/key``) on its filesystem.
 
@@ -22,9 +31,9 @@ class FsPath:
     def __init__(self, filepath: str, credentials: dict[str, Any] | None = None,
                  fs_args: dict[str, Any] | None = None) -> None:
         options = {**(credentials or {}), **(fs_args or {})}
-        self.protocol = fsspec.core.split_protocol(str(filepath))[0] or "file"
-        if self.protocol == "file":  # relative local paths stay relative (to the project)
-            path = get_protocol_and_path(str(filepath))[1]
+        self.protocol = _protocol(filepath)
+        if self.protocol == "file":
+            path = _local(filepath)
             self.fs = fsspec.filesystem("file", **options)
         else:
             self.fs, path = fsspec.core.url_to_fs(str(filepath), **options)
@@ -55,12 +64,12 @@ class FsPath:
 
 def local_path(filepath: str, dataset: str) -> PurePosixPath:
     """``filepath`` (a path or a ``file://`` URL) as a local path; other protocols are refused."""
-    protocol = fsspec.core.split_protocol(str(filepath))[0] or "file"
+    protocol = _protocol(filepath)
     if protocol != "file":
         raise DatasetError(f"{dataset}: {filepath}: a save_pretrained directory must be on the local "
                            f"filesystem (got protocol '{protocol}'); sync it to or from object "
                            "storage outside the run")
-    return PurePosixPath(get_protocol_and_path(str(filepath))[1])
+    return PurePosixPath(_local(filepath))
 
 
 def read_only(dataset: Any) -> DatasetError:

@@ -156,7 +156,8 @@ def read_stored_fingerprint(path: str | Path | FsPath) -> str | None:
                 log.warning("%s was stored with no fingerprint: recomputing it", where)
                 return None
         else:
-            meta = pq.read_schema(io.BytesIO(f.read_bytes())).metadata or {}
+            with f.fs.open(str(f.path), "rb") as fh:  # the footer only, not the whole table
+                meta = pq.read_schema(fh).metadata or {}
             raw = meta.get(PARQUET_FINGERPRINT_KEY)
             if raw is None:
                 log.warning("%s has no stored fingerprint in its metadata: recomputing it", where)

@@ -56,7 +56,8 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
                      result_params(p.model_dump(exclude={"score"})),
                      resolve_precision(p.train.precision, resolve_device(p.device)))
     if (hit := stage.reuse(fp, stored_fingerprint)) is not None:
-        return hit[0], hit[0], hit[1]
+        cache_hit, metrics = hit
+        return cache_hit, cache_hit, metrics  # the model and its history are one cache entry
 
     config = RewardModelConfig(backbone_path=backbone, load_in_4bit=p.load_in_4bit,
                                compute_dtype=p.compute_dtype, head_input=p.head_input,
