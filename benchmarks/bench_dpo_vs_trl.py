@@ -50,14 +50,17 @@ from rpo_pipeline.jobs import disable_dropout
 from rpo_pipeline.losses import preference_loss_fn, reward_aware_loss_fn
 from rpo_pipeline.params import SamplingConfig
 from rpo_pipeline.policy import group_collate, group_items, policy_collate, preference_items
-from rpo_pipeline.precision import cpu_matmul_gflops, resolve_precision
+from rpo_pipeline.precision import cpu_bf16_flags, resolve_precision
 from rpo_pipeline.reference import reference_table, response_logps
 from rpo_pipeline.scoring import ResponseLogps
 from rpo_pipeline.training import TrainConfig, iterate_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# a project's data folder (after `kedro run --pipelines=reference`) and the device: set by --data and
+# --device (scripts/gpu_check.py runs this on a fresh project copy on a GPU)
 DATA = ROOT / "data"
 SFT, TOK = DATA / "06_models/sft_model", DATA / "06_models/tokenizer"
+DEVICE = "cpu"
 OUT = ROOT / "benchmarks/results/dpo_vs_trl"
 BETA, LR = 0.1, 5e-4
 TRL_SETTINGS: dict[str, dict[str, Any]] = {
@@ -91,11 +94,12 @@ def machine() -> dict[str, Any]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    small = cpu_matmul_gflops()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16_flags": list(cpu_bf16_flags()),
             "fp32_gflops": matmul_peak(torch.float32), "bf16_gflops": matmul_peak(torch.bfloat16),
-            "fp32_gflops_256": small["fp32"], "bf16_gflops_256": small["bf16"]}
+            "fp32_gflops_256": matmul_peak(torch.float32, 256),
+            "bf16_gflops_256": matmul_peak(torch.bfloat16, 256)}
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -134,7 +138,7 @@ def params_of(model: torch.nn.Module) -> dict[str, int]:
 def train_config(steps: int, batch: int, precision: str) -> TrainConfig:
     return TrainConfig(steps=steps, lr=LR, batch_size=batch, grad_accum=1, warmup_steps=2,
                        schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, seed=0,
-                       log_every=steps, progress=False, device="cpu", precision=precision)
+                       log_every=steps, progress=False, device=DEVICE, precision=precision)
 
 
 def ours(path: Path, items, lengths, collate, loss_fn, steps: int, batch: int,
@@ -186,7 +190,7 @@ def trl(path: Path, tok, ds, steps: int, batch: int, setting: dict[str, Any]) ->
         args = DPOConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch,
                          learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=2,
                          max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], seed=0,
-                         report_to=[], save_strategy="no", use_cpu=True, logging_steps=steps,
+                         report_to=[], save_strategy="no", use_cpu=DEVICE == "cpu", logging_steps=steps,
                          disable_tqdm=True, max_length=None, dataloader_num_workers=0,
                          **({"model_init_kwargs": {"dtype": torch.float32}} if fp32 else {}),
                          **setting)
@@ -206,7 +210,7 @@ def reference_cache_rate(path: Path, tokenized: pd.DataFrame, pad: int) -> tuple
     model = AutoModelForCausalLM.from_pretrained(path)
     t0 = time.perf_counter()
     logp, n = response_logps(model, rows["input_ids"].tolist(), rows["response_start"].tolist(),
-                              pad, batch_size=64, device="cpu", progress=False)
+                              pad, batch_size=64, device=DEVICE, progress=False)
     seconds = time.perf_counter() - t0
     return len(rows) / seconds, reference_table(rows, logp, n)
 
@@ -219,7 +223,7 @@ def sampling_rate(path: Path, tokenized: pd.DataFrame, eos: int, pad: int, promp
                          batch_size=64, seed=0)
     model = AutoModelForCausalLM.from_pretrained(path)
     t0 = time.perf_counter()
-    out, _ = generate(model, ids, cfg, eos, pad, device="cpu", progress=False)
+    out, _ = generate(model, ids, cfg, eos, pad, device=DEVICE, progress=False)
     seconds = time.perf_counter() - t0
     return sum(len(c) for per_prompt in out for c in per_prompt) / seconds
 
@@ -257,7 +261,7 @@ def bench_model(name: str, tmp: Path, args, mach: dict[str, Any]) -> dict[str, A
     k_groups = max(args.batch // 2, 1)  # 2 x K sequences per group: as many sequences as DPO
     g_items, g_lengths = g_items[: args.steps * k_groups], g_lengths[: args.steps * k_groups]
 
-    precision = resolve_precision("auto", torch.device("cpu"))
+    precision = resolve_precision(args.precision, torch.device(DEVICE))
     dpo_loss = preference_loss_fn("sigmoid", BETA)
     rpo_loss = reward_aware_loss_fn("bwd_kl", 0.05, 1.0)
     runs: dict[str, list[float]] = {"ours": [], "rpo_k4_shared": [], "rpo_k4_unshared": []}
@@ -345,6 +349,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    global DATA, SFT, TOK, DEVICE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["tiny", "gpt2-8x512"])
     ap.add_argument("--reps", type=int, default=3)
@@ -353,11 +358,18 @@ def main() -> None:
     ap.add_argument("--defaults-steps", type=int, default=2,
                     help="steps of TRL at its defaults (bf16: minutes per step without native bf16)")
     ap.add_argument("--defaults-reps", type=int, default=3)
+    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                    help="ours: fp32, or bf16 autocast (fast on CPUs with AVX-512-BF16 or AMX); "
+                         "TRL's defaults run bf16 in the same process either way")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (ours and TRL on the same device)")
+    ap.add_argument("--data", default=str(DATA), help="a project's data/ after the reference pipeline")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--append", action="store_true",
                     help="add these models to an existing results file (same machine, e.g. a "
                          "second model with other --defaults-* settings)")
     args = ap.parse_args()
+    DATA, DEVICE = Path(args.data), args.device
+    SFT, TOK = DATA / "06_models/sft_model", DATA / "06_models/tokenizer"
     if not (SFT.exists() and TOK.exists()):
         raise SystemExit(f"{SFT} or {TOK} is missing: run `kedro run --pipelines=reference` first")
     import subprocess

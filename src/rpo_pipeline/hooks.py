@@ -12,8 +12,41 @@ from kedro.framework.hooks import hook_impl
 from rpo_pipeline.locks import RUN_LOCK_FILE, RunLock, prepare_sqlite_store, run_info
 
 
+def stage_precisions(params: dict, groups: set[str]) -> dict[str, str]:
+    """The precision each stage of ``groups`` resolves to on this machine: ``{"dpo.train":
+    "fp32", "evaluation": "fp32", ...}``, one entry per ``precision`` key under a group, resolved
+    on the group's ``device`` (``unresolved`` for a CUDA device on a machine without one: its
+    stage fails on the device, not on the precision)."""
+    import torch
+
+    from rpo_pipeline.precision import resolve_precision
+    from rpo_pipeline.training import resolve_device
+
+    out: dict[str, str] = {}
+
+    def walk(node: dict, key: str, device: str) -> None:
+        if "precision" in node:
+            dev = resolve_device(device)
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                out[key] = "unresolved"
+                return
+            try:
+                out[key] = resolve_precision(node["precision"], dev)
+            except ValueError as e:  # e.g. fp16 on a CPU: name the key, before any node runs
+                raise ValueError(f"{key}.{e}") from None
+        for name, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{key}.{name}", device)
+
+    for group in sorted(groups):
+        if isinstance(params.get(group), dict):
+            walk(params[group], group, params[group].get("device", "auto"))
+    return out
+
+
 class ValidateParameters:
-    """Check every parameter group (``rpo_pipeline.params``) when the Kedro context is created.
+    """Check every parameter group (``rpo_pipeline.params``) when the Kedro context is created,
+    and that every stage's precision can run on its device (``stage_precisions``).
 
     The parameters checked are the merged ones (``conf/base`` + ``--env`` + ``--params``), so a bad
     override fails in seconds with every problem listed, instead of minutes into a run. ``tryfirst``
@@ -22,13 +55,14 @@ class ValidateParameters:
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
-        from rpo_pipeline.params import validate_project_params  # heavy imports: only when used
+        from rpo_pipeline.params import GROUPS, validate_project_params  # heavy imports: only when used
 
         loader = context.config_loader
         sources = ["conf/base"] + ([f"conf/{context.env}"] if context.env else [])
         if loader.runtime_params:
             sources.append("--params")
         params = validate_project_params(loader["parameters"], source=" + ".join(sources))
+        stage_precisions(loader["parameters"], set(GROUPS))  # e.g. fp16 on a CPU: refused here
         self._shape_the_dag(params.rpo_online.rounds, params.generate_preferences.judge)
 
     @staticmethod
@@ -107,21 +141,33 @@ class TagRuns:
     """Tag the MLflow run that kedro-mlflow started (``trylast``: after its hook) with what it
     runs, for the MLflow UI's search and compare views: ``rpo_pipeline.pipelines`` (the
     ``--pipelines`` names), ``rpo_pipeline.methods`` (the policies it trains), ``rpo_pipeline.env``
-    (the Kedro env: the data and hardware configuration) and ``mlflow.source.git.commit``."""
+    (the Kedro env: the data and hardware configuration), ``mlflow.source.git.commit``, and what
+    decides the last digits of the numbers: ``rpo_pipeline.precision`` (the precisions its stages
+    resolve to, e.g. ``fp32``), ``rpo_pipeline.cpu_capability`` (torch's CPU kernels: ``AVX2``,
+    ``AVX512``, ...) and ``rpo_pipeline.cpu_bf16`` (native bf16 instructions, or ``none``)."""
 
     @hook_impl(trylast=True)
-    def before_pipeline_run(self, run_params, pipeline) -> None:
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
         import mlflow
+        import torch
+
+        from rpo_pipeline.params import POLICY_METHODS
+        from rpo_pipeline.precision import device_facts
 
         if mlflow.active_run() is None:  # tracking disabled for this pipeline
             return
         nodes = [n.name for n in pipeline.nodes]
-        from rpo_pipeline.params import POLICY_METHODS
-
         methods = [m for m in POLICY_METHODS if any(n.startswith(f"{m}.") for n in nodes)]
+        groups = {i.removeprefix("params:").split(".")[0] for n in pipeline.nodes for i in n.inputs
+                  if i.startswith("params:")}
+        precisions = stage_precisions(catalog.load("parameters"), groups)
+        facts = device_facts(torch.device("cpu"))
         project = Path(run_params.get("project_path") or Path.cwd())
         mlflow.set_tags({"rpo_pipeline.pipelines": ",".join(run_params.get("pipeline_names")
                                                             or ["__default__"]),
                          "rpo_pipeline.methods": ",".join(methods) or "none",
                          "rpo_pipeline.env": run_params.get("env") or "local",
+                         "rpo_pipeline.precision": ",".join(sorted(set(precisions.values()))) or "none",
+                         "rpo_pipeline.cpu_capability": facts.cpu_capability,
+                         "rpo_pipeline.cpu_bf16": ",".join(facts.cpu_bf16_flags) or "none",
                          "mlflow.source.git.commit": git_commit(project)})

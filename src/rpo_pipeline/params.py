@@ -100,7 +100,7 @@ class TrainParams(Schema):
     seed: int
     log_every: PosInt
     progress: bool
-    precision: Literal[PRECISIONS]  # auto: bf16 autocast where it is faster, else fp32 (precision.py)
+    precision: Literal[PRECISIONS]  # auto: bf16 autocast on CUDA with bf16, else fp32 (precision.py)
     num_processes: PosInt  # data-parallel workers (1: in the node's process)
     strategy: Literal["ddp", "fsdp"]  # how the workers share the model (accelerate)
     backend: Literal[BACKENDS]  # torch.distributed backend; auto: nccl on CUDA, gloo otherwise

@@ -189,6 +189,7 @@ def make_accelerator(cfg: TrainConfig):
     counts optimizer steps whatever the number of processes.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState, GradientState
 
     from rpo_pipeline.precision import resolve_precision
 
@@ -200,6 +201,12 @@ def make_accelerator(cfg: TrainConfig):
         raise ValueError("train.strategy = 'fsdp' needs GPUs (or another accelerator): on the "
                          "CPU accelerate would silently fall back to DDP; use strategy: ddp")
     fsdp = FullyShardedDataParallelPlugin() if size > 1 and cfg.strategy == "fsdp" else None
+    # accelerate keeps the mixed precision and the accumulation plugin in process-wide singletons
+    # that refuse a second, different Accelerator; stages run one after another in a process, each
+    # with its own settings, so each starts from a fresh state (the process group, in PartialState,
+    # is kept)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(cpu=device.type == "cpu",
                        mixed_precision="no" if precision == "fp32" else precision,
                        gradient_accumulation_steps=cfg.grad_accum,
