@@ -1,6 +1,10 @@
-# Two commands for a fresh machine (only Python 3.11 needed):
-#   make run    -> creates .venv, installs, runs `kedro run` on the bundled default
-#   make test   -> creates .venv, installs, runs the test suite
+# Commands for a fresh machine (only Python 3.11 needed); each creates .venv and installs on first use:
+#   make run        -> `kedro run` on the bundled default
+#   make test       -> the fast tests (not `slow`: no whole pipeline, subprocess, server, notebook
+#                      or several processes), ~3 min on 2 cores
+#   make test-all   -> every test (CI)
+#   make reproduce  -> the default run on a fresh copy, compared with benchmarks/results/default_metrics.json
+#   make gpu-check  -> the GPU paths on one CUDA device (scripts/gpu_check.py)
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +12,7 @@ export KEDRO_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint viz mlflow-ui clean-data
+.PHONY: setup run test test-all reproduce gpu-check lint viz mlflow-ui clean-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +30,16 @@ run: setup
 	$(BIN)/kedro run $(ARGS)
 
 test: setup
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-all: setup
 	$(BIN)/python -m pytest $(ARGS)
+
+reproduce: setup
+	$(BIN)/python scripts/reproduce.py $(ARGS)
+
+gpu-check: setup
+	$(BIN)/python scripts/gpu_check.py $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks

@@ -81,6 +81,15 @@ def nest_params(dotted: dict[str, Any] | None) -> dict[str, Any]:
     return nested
 
 
+# toy sizes for pipeline tests (a 1-layer model, 3 SFT steps; online: 8 prompts, 2 steps a round)
+TINY_RUN = {"base_model.model.n_layer": 1, "base_model.model.n_embd": 32, "base_model.model.n_head": 2,
+            "reference.sft.steps": 3, "reference.sft.progress": False, "reference.device": "cpu"}
+TINY_ONLINE = {"rpo_online.prompts_per_round": 8, "rpo_online.sampling.n_samples": 2,
+               "rpo_online.sampling.max_new_tokens": 6, "rpo_online.train.steps": 2,
+               "rpo_online.train.batch_size": 4, "rpo_online.train.progress": False,
+               "rpo_online.device": "cpu"}
+
+
 def end_stale_runs() -> None:
     """End the MLflow run an earlier in-process Kedro session left active; call it before the
     tracking URI changes (the run is ended in the store it belongs to)."""

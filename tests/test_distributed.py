@@ -12,7 +12,7 @@ import pytest
 from rpo_pipeline.distributed import WorkerError, resolve_backend, run_workers
 
 
-def test_two_workers_meet_and_return_by_rank(tmp_path):
+def test_two_workers_meet_and_return_by_rank(tmp_path, processes):
     out = run_workers(dist_fns.sum_of_ranks, (str(tmp_path),), num_processes=2, threads_per_process=1)
     assert sorted(out) == [0, 1]
     for rank in (0, 1):
@@ -29,7 +29,7 @@ def test_two_workers_meet_and_return_by_rank(tmp_path):
     (dist_fns.rank_one_hangs, r"rank_one_hangs on 2 processes failed: rank 0 \(pid \d+\) (exit code 1|"
                               r"killed by signal 6 \(SIGABRT\)): .*(timed out|Timed out)"),
 ])
-def test_a_failed_worker_fails_the_call_in_bounded_time_naming_the_rank(fn, expected):
+def test_a_failed_worker_fails_the_call_in_bounded_time_naming_the_rank(fn, expected, processes):
     t0 = time.perf_counter()
     with pytest.raises(WorkerError, match=expected) as e:
         run_workers(fn, num_processes=2, timeout_s=5, threads_per_process=1)

@@ -35,7 +35,6 @@ from rpo_pipeline.policy import PreferencePair, ResponseGroup
 from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, RewardPair
 from rpo_pipeline.training import shard
 
-pytestmark = pytest.mark.slow
 VOCAB, PAD = 64, 0
 
 
@@ -121,7 +120,7 @@ def test_shard_splits_a_global_batch_and_weights_its_parts():
     assert shard(batch, 0, 1) == (batch, 1.0)
 
 
-def test_dpo_on_two_processes_equals_one_process(lm_dir):
+def test_dpo_on_two_processes_equals_one_process(lm_dir, processes):
     (m1, r1, _), (m2, r2, _) = _policy_pair("dpo", lm_dir, _pairs(45, 0), _pairs(10, 1), None, 8)
     assert _moved(GPT2LMHeadModel.from_pretrained(lm_dir), m1) > 1e-3  # it trained
     assert _max_diff(m1, m2) < 1e-5
@@ -132,7 +131,7 @@ def test_dpo_on_two_processes_equals_one_process(lm_dir):
     assert r1.log_steps == r2.log_steps == [2, 4, 6]
 
 
-def test_rpo_with_four_responses_on_two_processes_equals_one_process(lm_dir):
+def test_rpo_with_four_responses_on_two_processes_equals_one_process(lm_dir, processes):
     (m1, r1, _), (m2, r2, _) = _policy_pair("rpo", lm_dir, _groups(21, 4, 2), _groups(6, 4, 3),
                                             _pairs(8, 4), 6)
     assert _moved(GPT2LMHeadModel.from_pretrained(lm_dir), m1) > 1e-3
@@ -141,13 +140,13 @@ def test_rpo_with_four_responses_on_two_processes_equals_one_process(lm_dir):
         np.testing.assert_allclose(r2.history[k], r1.history[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_lora_policy_on_two_processes_equals_one_process(lm_dir):
+def test_lora_policy_on_two_processes_equals_one_process(lm_dir, processes):
     (m1, _, _), (m2, _, _) = _policy_pair("dpo", lm_dir, _pairs(24, 5), _pairs(4, 6), None, 8,
                                           steps=4, **{"lora.enabled": True})
     assert _max_diff(m1, m2) < 1e-5
 
 
-def test_4bit_lora_reward_model_on_two_processes_equals_one_process(dropout_lm_dir):
+def test_4bit_lora_reward_model_on_two_processes_equals_one_process(dropout_lm_dir, processes):
     g = torch.Generator().manual_seed(7)
     pairs = [RewardPair(_seq(g), _seq(g)) for _ in range(40)]
     train = Split(pairs, [max(len(p.chosen_input_ids), len(p.rejected_input_ids)) for p in pairs])
@@ -179,7 +178,7 @@ def test_4bit_lora_reward_model_on_two_processes_equals_one_process(dropout_lm_d
     assert e2["val_loss"] == pytest.approx(e1["val_loss"], abs=1e-5)
 
 
-def test_sharded_inference_equals_one_process(lm_dir, tmp_path):
+def test_sharded_inference_equals_one_process(lm_dir, tmp_path, processes):
     g = torch.Generator().manual_seed(9)
     seqs = [_seq(g, 4, 30) for _ in range(37)]
     starts = [2] * len(seqs)
@@ -221,7 +220,7 @@ SCALE_WORKER = str(Path(__file__).with_name("scale_worker.py"))
 
 
 
-def test_sigkill_of_one_worker_fails_the_run_naming_it_and_resume_matches_uninterrupted(tmp_path):
+def test_sigkill_of_one_worker_fails_the_run_naming_it_and_resume_matches_uninterrupted(tmp_path, processes):
     steps = 24
     straight = tmp_path / "straight"
     done = subprocess.run([sys.executable, SCALE_WORKER, str(straight), str(steps), "0"],
@@ -254,7 +253,7 @@ def test_sigkill_of_one_worker_fails_the_run_naming_it_and_resume_matches_uninte
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
 
 
-def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+def test_resume_with_another_number_of_processes_is_refused(tmp_path, processes):
     out = tmp_path / "run"
     assert subprocess.run([sys.executable, SCALE_WORKER, str(out), "4", "0"],
                           capture_output=True, timeout=600).returncode == 0
@@ -267,7 +266,7 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
         fit("policy", job, 1, "gloo", "cpu", lambda: model, GPT2LMHeadModel.from_pretrained)
 
 
-def test_fsdp_on_cpu_is_refused_rather_than_run_as_ddp(lm_dir):
+def test_fsdp_on_cpu_is_refused_rather_than_run_as_ddp(lm_dir, processes):
     """accelerate applies FSDP only on accelerators; on CPU it quietly wraps the model in DDP, so
     ``strategy: fsdp`` there would be a lie: the run fails naming the key instead."""
     with pytest.raises(WorkerError, match=r"train.strategy = 'fsdp' needs GPUs.*use strategy: ddp"):

@@ -32,7 +32,7 @@ def test_run_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
     second.release()
 
 
-def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path, processes):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from rpo_pipeline.locks import RunLock, run_info; "
         f"lock = RunLock({str(tmp_path / 'l')!r}); lock.acquire(run_info(['dpo'], None)); "
@@ -61,7 +61,6 @@ def _kedro_run(project: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.slow
 def test_a_second_run_fails_fast_while_one_holds_the_project(project_copy):
     holder = RunLock(project_copy / RUN_LOCK_FILE)
     holder.acquire(run_info(["evaluation"], None))  # stands for a long run in progress
@@ -83,7 +82,6 @@ def test_a_second_run_fails_fast_while_one_holds_the_project(project_copy):
     assert done.wait(timeout=300) == 0, done.stdout.read()[-3000:]
 
 
-@pytest.mark.slow
 def test_two_concurrent_runs_on_a_fresh_store(project_copy):
     """Started together on a fresh mlflow.db: no schema-migration race, no hang, nothing lost."""
     procs = [_kedro_run(project_copy) for _ in range(2)]

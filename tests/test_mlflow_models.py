@@ -1,18 +1,17 @@
-"""The trained policies and the reward model as registered MLflow Models, loaded through pyfunc."""
+"""The trained policies and the reward model as registered MLflow Models (the shared tiny run's,
+``tiny_run``): one test per concern: the registry, pyfunc loading offline, serving, the notebook,
+and a registered model seeding the next run."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import mlflow_runs, run_kedro
-from test_pipeline_run import TINY_ONLINE, TINY_RUN
 
 from rpo_pipeline.mlflow_models import POLICY, ModelBundle
-
-pytestmark = pytest.mark.slow
 
 NAMES = ["rpo_pipeline.dpo_policy", "rpo_pipeline.reward_model", "rpo_pipeline.rpo_online_policy",
          "rpo_pipeline.rpo_policy"]
@@ -25,88 +24,102 @@ def test_bundle_names_the_missing_artifact():
         ModelBundle("critic", {}, {})
 
 
-def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy, tmp_path,
-                                                                  monkeypatch):
-    """After a tiny `kedro run --pipelines=evaluation`: the registry holds the three policies and
-    the reward model, one version each, tagged with their metrics and run. Loaded by name through
-    mlflow.pyfunc with the project's data folder gone, a policy reproduces its own evaluation
-    samples (same prompts, seed and settings) and differs from the reference's; the reward model's
-    scores equal the pipeline's reward_scores."""
+def test_registry_holds_every_policy_and_the_reward_model_tagged_with_the_run(tiny_run):
+    """One version each, tagged with its run and its metrics."""
     import mlflow
 
-    params = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
-              "reward_model.device": "cpu", "dpo.train.steps": 4, "dpo.train.lr": 0.05,
-              "dpo.train.progress": False,
-              "dpo.device": "cpu", "rpo.train.steps": 2, "rpo.train.progress": False,
-              "rpo.device": "cpu", **TINY_ONLINE, "evaluation.max_prompts": 5,
-              "evaluation.sampling.max_new_tokens": 6, "evaluation.progress": False,
-              "evaluation.device": "cpu"}
-    run_kedro(project_copy, ["evaluation"], runtime_params=params)
-    run = mlflow_runs(project_copy)[0]
-    tags = run.data.tags  # what the run ran, for search and compare (hooks.TagRuns)
-    assert tags["rpo_pipeline.pipelines"] == "evaluation" and tags["rpo_pipeline.env"] == "local"
-    assert tags["rpo_pipeline.methods"] == "dpo,rpo,rpo_online"
-    assert tags["mlflow.source.git.commit"] == "unknown"  # the test's project copy has no git
     client = mlflow.MlflowClient()
     assert sorted(m.name for m in client.search_registered_models()) == NAMES
     for name in NAMES:
         (version,) = client.search_model_versions(f"name='{name}'")
-        assert version.tags["run_id"] == run.info.run_id, name
+        assert version.tags["run_id"] == tiny_run.run.info.run_id, name
     (dpo,) = client.search_model_versions("name='rpo_pipeline.dpo_policy'")
     assert float(dpo.tags["evaluation.gold_reward_mean"]) == pytest.approx(
-        run.data.metrics["evaluation.dpo.gold_reward_mean"], rel=1e-5)
+        tiny_run.metrics["evaluation.dpo.gold_reward_mean"], rel=1e-5)
     (rm,) = client.search_model_versions("name='rpo_pipeline.reward_model'")
     assert 0 <= float(rm.tags["reward_model.val_accuracy"]) <= 1
 
-    data = project_copy / "data"
+
+@contextlib.contextmanager
+def data_moved_away(project, where):
+    """The project's data folder moved to ``where`` for the block, and back afterwards."""
+    shutil.move(project / "data", where)
+    try:
+        yield where
+    finally:
+        shutil.move(where, project / "data")
+
+
+def test_registered_models_load_offline_and_reproduce_the_pipeline(tiny_run, tmp_path):
+    """Loaded by name through mlflow.pyfunc with the project's data folder gone, a policy
+    reproduces its own evaluation samples (same prompts, seed and settings) and differs from the
+    reference's; the reward model's scores equal the pipeline's reward_scores."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    data = tiny_run.project / "data"
     groups = pd.read_parquet(data / "03_primary/preference_groups.parquet").set_index("group_id")
     samples = {p: pd.read_parquet(data / f"07_model_output/evaluation/samples_{p}.parquet")
                for p in ("dpo", "rpo", "rpo_online", "reference")}
     scores = pd.read_parquet(data / "07_model_output/reward_scores.parquet").head(12)
-    tok_dir = data / "06_models/tokenizer"
-    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(data / "06_models/tokenizer")
+    prompts_n = tiny_run.params["evaluation.max_prompts"]
+    n_samples = tiny_run.params["evaluation.sampling.n_samples"]
 
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    shutil.move(data, tmp_path / "moved")  # the models must not need the project's data
+    with data_moved_away(tiny_run.project, tmp_path / "moved"):  # the models must not need it
+        order = list(dict.fromkeys(samples["dpo"]["group_id"]))
+        prompts = pd.DataFrame({"prompt": groups.loc[order, "prompt"].tolist()})
+        policy = mlflow.pyfunc.load_model("models:/rpo_pipeline.dpo_policy/latest")
+        out = policy.predict(prompts)
+        assert list(out.columns) == ["prompt", "sample", "completion"] and len(out) == prompts_n * n_samples
 
-    order = list(dict.fromkeys(samples["dpo"]["group_id"]))
-    prompts = pd.DataFrame({"prompt": groups.loc[order, "prompt"].tolist()})
-    policy = mlflow.pyfunc.load_model("models:/rpo_pipeline.dpo_policy/latest")
-    out = policy.predict(prompts)
-    assert list(out.columns) == ["prompt", "sample", "completion"] and len(out) == 5 * 2
+        def texts(table):  # the evaluation's sampled completions, decoded as the pyfunc decodes
+            s = table[table["sample"] >= 0].sort_values(["group_id", "sample"])
+            s = s.set_index("group_id").loc[order].reset_index()
+            return [tok.decode(list(c), skip_special_tokens=True).strip() for c in s["completion_ids"]]
 
-    def texts(table):  # the evaluation's sampled completions, decoded as the pyfunc decodes
-        s = table[table["sample"] >= 0].sort_values(["group_id", "sample"])
-        s = s.set_index("group_id").loc[order].reset_index()
-        return [tok.decode(list(c), skip_special_tokens=True).strip() for c in s["completion_ids"]]
+        assert out["completion"].tolist() == texts(samples["dpo"])
+        assert out["completion"].tolist() != texts(samples["reference"])
+        for name in ("rpo", "rpo_online"):  # every registered policy reproduces its own samples
+            got = mlflow.pyfunc.load_model(f"models:/rpo_pipeline.{name}_policy/1").predict(prompts)
+            assert got["completion"].tolist() == texts(samples[name]), name
+        longer = policy.predict(prompts.head(2), params={"n_samples": 3, "seed": 5})
+        assert len(longer) == 6 and longer["sample"].tolist() == [0, 1, 2, 0, 1, 2]
 
-    assert out["completion"].tolist() == texts(samples["dpo"])
-    assert out["completion"].tolist() != texts(samples["reference"])
-    for name in ("rpo", "rpo_online"):  # every registered policy reproduces its own samples
-        got = mlflow.pyfunc.load_model(f"models:/rpo_pipeline.{name}_policy/1").predict(prompts)
-        assert got["completion"].tolist() == texts(samples[name]), name
-    longer = policy.predict(prompts.head(2), params={"n_samples": 3, "seed": 5})
-    assert len(longer) == 6 and longer["sample"].tolist() == [0, 1, 2, 0, 1, 2]
+        reward = mlflow.pyfunc.load_model("models:/rpo_pipeline.reward_model/latest")
+        rows = pd.DataFrame({"prompt": groups.loc[scores["group_id"], "prompt"].tolist(),
+                             "response": [groups.loc[g, "responses"][k] for g, k in
+                                          zip(scores["group_id"], scores["response_index"], strict=True)]})
+        got = reward.predict(rows)["score"].to_numpy()
+        np.testing.assert_allclose(got, scores["reward"].to_numpy(), atol=1e-4)
 
-    reward = mlflow.pyfunc.load_model("models:/rpo_pipeline.reward_model/latest")
-    rows = pd.DataFrame({"prompt": groups.loc[scores["group_id"], "prompt"].tolist(),
-                         "response": [groups.loc[g, "responses"][k] for g, k in
-                                      zip(scores["group_id"], scores["response_index"], strict=True)]})
-    got = reward.predict(rows)["score"].to_numpy()
-    np.testing.assert_allclose(got, scores["reward"].to_numpy(), atol=1e-4)
 
-    # served over HTTP as the README says, offline: one request
-    _serve_one_request(project_copy, prompts.head(2))
+def test_a_registered_policy_is_served_over_http(tiny_run, processes):
+    """`mlflow models serve` as the README says, offline: one request."""
+    groups = pd.read_parquet(tiny_run.project / "data/03_primary/preference_groups.parquet")
+    _serve_one_request(tiny_run.project, groups[["prompt"]].head(2), processes)
 
-    # the notebook runs top to bottom against this run (the data back in place)
-    shutil.move(tmp_path / "moved", data)
-    _run_notebook(project_copy, monkeypatch)
 
-    # a registered model seeds the next run: base model and reward-model backbone by models:/ URI
+def test_the_notebook_runs_against_the_run(tiny_run, monkeypatch):
+    _run_notebook(tiny_run.project, monkeypatch)
+
+
+def test_a_registered_model_seeds_the_next_run(tiny_run, tmp_path, monkeypatch):
+    """Base model and reward-model backbone by models:/ URI, in a copy of the run's project (its
+    own store, so the shared run's registry is left as it was)."""
+    from helpers import run_kedro
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_run.project, project)
+    mlflow_yml = project / "conf" / "base" / "mlflow.yml"
+    mlflow_yml.write_text(mlflow_yml.read_text().replace(str(tiny_run.project / "mlflow.db"),
+                                                         str(project / "mlflow.db")))
+    monkeypatch.chdir(project)
+    data = project / "data"
     dpo_weights = (data / "06_models/dpo_policy/model.safetensors").read_bytes()
     monkeypatch.setenv("RPO_PIPELINE_CACHE", str(tmp_path / "cache"))
-    run_kedro(project_copy, ["reward_model"], runtime_params={
-        **params, "base_model.name_or_path": "models:/rpo_pipeline.dpo_policy/latest",
+    run_kedro(project, ["reward_model"], runtime_params={
+        **tiny_run.params, "base_model.name_or_path": "models:/rpo_pipeline.dpo_policy/latest",
         "reward_model.backbone": "models:/rpo_pipeline.dpo_policy/1"})
     cached = tmp_path / "cache/models/rpo_pipeline.dpo_policy/v1"
     assert (cached / "model.safetensors").read_bytes() == dpo_weights
@@ -115,7 +128,7 @@ def test_registered_models_load_offline_and_reproduce_the_pipeline(project_copy,
     assert f'"backbone_path": "{cached}"' in config
 
 
-def _serve_one_request(project, prompts: pd.DataFrame) -> None:
+def _serve_one_request(project, prompts: pd.DataFrame, processes) -> None:
     """`mlflow models serve -m models:/rpo_pipeline.rpo_policy/latest --env-manager local`, one
     /invocations request with params, the server stopped."""
     import json
@@ -133,7 +146,7 @@ def _serve_one_request(project, prompts: pd.DataFrame) -> None:
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+    server = processes.popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
                                "models:/rpo_pipeline.rpo_policy/latest", "--env-manager", "local",
                                "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

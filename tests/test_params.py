@@ -31,13 +31,34 @@ def project(tmp_path_factory) -> Path:
 
 
 def context_params(project: Path, runtime: dict | None = None, env: str | None = None) -> dict:
-    """Create the Kedro context like `kedro run --env=<env> --params=<runtime>`; its parameters."""
+    """Create the Kedro context like `kedro run --env=<env> --params=<runtime>` (the hooks run, so
+    ``ValidateParameters`` checks them); its parameters."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env=env, runtime_params=nest_params(runtime)) as s:
         return s.load_context().params
+
+
+def loaded_params(runtime: dict | None = None, env: str | None = None) -> dict:
+    """The merged parameters as the project's config loader builds them (settings.py: the same
+    loader arguments), without a Kedro session."""
+    from kedro.config import OmegaConfigLoader
+
+    from rpo_pipeline.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(conf_source=str(ROOT / "conf"), env=env,
+                               runtime_params=nest_params(runtime), **CONFIG_LOADER_ARGS)
+    return loader["parameters"]
+
+
+def validation_error(runtime: dict, env: str | None = None) -> str:
+    """The validator's message for these settings, with the sources the hook names."""
+    source = " + ".join(["conf/base", *([f"conf/{env}"] if env else []), *(["--params"] if runtime else [])])
+    with pytest.raises(ParameterError) as e:
+        validate_project_params(loaded_params(runtime, env), source=source)
+    return str(e.value)
 
 
 def context_error(project: Path, runtime: dict, env: str | None = None) -> str:
@@ -162,21 +183,27 @@ RULES = [
 
 
 @pytest.mark.parametrize(("overrides", "expected"), RULES, ids=[", ".join(r[0]) for r in RULES])
-def test_bad_setting_fails_when_the_context_is_created(project, overrides, expected):
-    message = context_error(project, overrides)
+def test_bad_setting_is_refused_with_its_key_and_reason(overrides, expected):
+    message = validation_error(overrides)
     assert expected in message, message
     assert "(1 problem)" in message and "from conf/base + --params" in message
 
 
-def test_every_problem_is_listed_at_once(project):
-    message = context_error(project, {"dpo.beta": -1, "rpo.eta": -1, "dpo.sft_wieght": 1.0})
+def test_the_hook_refuses_a_bad_setting_when_the_context_is_created(project):
+    """The wiring: ``ValidateParameters`` runs on the merged tree when Kedro creates the context."""
+    message = context_error(project, {"dpo.beta": -1})
+    assert "dpo.beta = -1: must be greater than 0" in message and "from conf/base + --params" in message
+
+
+def test_every_problem_is_listed_at_once():
+    message = validation_error({"dpo.beta": -1, "rpo.eta": -1, "dpo.sft_wieght": 1.0})
     assert "(3 problems)" in message
     assert message.count("\n  - ") == 3
 
 
-def test_defaults_and_every_shipped_env_are_valid(project):
+def test_defaults_and_every_shipped_env_are_valid():
     for env in [None, *ENVS]:
-        validate_project_params(context_params(project, env=env))
+        validate_project_params(loaded_params(env=env))
     assert set(GROUPS) == {p.stem.removeprefix("parameters_") for p in (ROOT / "conf/base").glob("parameters_*.yml")}
 
 
@@ -187,17 +214,17 @@ def test_a_key_missing_from_the_yaml_is_an_error_not_a_default():
         DpoParams.parse(params)
 
 
-def test_valid_overrides_pass_and_reach_the_parameters(project):
+def test_valid_overrides_pass_the_hook_and_reach_the_parameters(project):
     params = context_params(project, {"dpo.beta": 0.2, "dpo.loss": "ipo", "evaluation.sampling.top_k": 20})
     assert params["dpo"]["beta"] == 0.2 and params["dpo"]["loss"] == "ipo"
     assert params["evaluation"]["sampling"]["top_k"] == 20
 
 
 @pytest.mark.parametrize("env", ENVS)
-def test_env_with_nested_params_keeps_the_siblings(project, env):
+def test_env_with_nested_params_keeps_the_siblings(env):
     """`kedro run --env=<env> --params reference.sft.steps=30,dpo.train.steps=10` changes only those."""
-    base = context_params(project, env=env)
-    got = context_params(project, {"reference.sft.steps": 30, "dpo.train.steps": 10}, env=env)
+    base = loaded_params(env=env)
+    got = loaded_params({"reference.sft.steps": 30, "dpo.train.steps": 10}, env=env)
     assert got["reference"]["sft"] == {**base["reference"]["sft"], "steps": 30}
     assert got["dpo"]["train"] == {**base["dpo"]["train"], "steps": 10}
     assert {k: v for k, v in got.items() if k not in ("reference", "dpo")} == \
@@ -219,7 +246,12 @@ def test_env_error_names_the_env(project):
     assert "from conf/base + conf/hh_rlhf + --params" in context_error(project, {"dpo.beta": 0}, env="hh_rlhf")
 
 
-@pytest.mark.slow
+def test_an_impossible_precision_names_its_key_when_the_context_is_created(project):
+    """fp16 on a CPU: the hook resolves every stage's precision on its device before anything runs."""
+    with pytest.raises(ValueError, match=r"dpo\.train\.precision = 'fp16' needs a CUDA device"):
+        context_params(project, {"dpo.train.precision": "fp16", "dpo.device": "cpu"})
+
+
 def test_cli_refuses_a_bad_setting_before_any_node_runs(project_copy):
     """`kedro run --pipelines=dpo --params dpo.beta=-1`: a clear error in seconds, nothing written."""
     kedro = shutil.which("kedro", path=str(Path(sys.executable).parent)) or "kedro"

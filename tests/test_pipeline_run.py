@@ -1,4 +1,5 @@
-"""`kedro run --pipelines=data_processing` end to end, with counts in MLflow."""
+"""Pipelines end to end: `kedro run --pipelines=...` in a project copy, or the outputs of the
+session's shared tiny evaluation run (``tiny_run``, conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ import json
 
 import pandas as pd
 import pytest
-from helpers import kedro_env, mlflow_runs, run_kedro, shared_file
-
-pytestmark = pytest.mark.slow
+from helpers import TINY_ONLINE, TINY_RUN, kedro_env, mlflow_runs, run_kedro, shared_file
 
 
 def _metrics(project):
@@ -65,17 +64,6 @@ def test_ultrafeedback_env(project_copy):
     pairs = pd.read_parquet(project_copy / "data/03_primary/preference_pairs.parquet")
     assert len(pairs) == m["rows_out"] and pairs["score_chosen"].notna().all()
     assert (pairs["score_chosen"] >= pairs["score_rejected"]).all()
-
-
-TINY_RUN = {"base_model.model.n_layer": 1, "base_model.model.n_embd": 32, "base_model.model.n_head": 2,
-            "reference.sft.steps": 3,
-            "reference.sft.progress": False, "reference.device": "cpu"}
-
-
-TINY_ONLINE = {"rpo_online.prompts_per_round": 8, "rpo_online.sampling.n_samples": 2,
-               "rpo_online.sampling.max_new_tokens": 6, "rpo_online.train.steps": 2,
-               "rpo_online.train.batch_size": 4, "rpo_online.train.progress": False,
-               "rpo_online.device": "cpu"}
 
 
 def _reference_metrics(project):
@@ -140,23 +128,19 @@ def test_reward_model_pipeline_trains_scores_and_hits(project_copy):
     assert json.loads(history_file.read_text())["data"]["val_accuracy"] == history["data"]["val_accuracy"]
 
 
-def test_dpo_pipeline_logs_trl_metrics_and_saves_policy(project_copy):
-    """`kedro run --pipelines=dpo` (tiny sizes): TRL-named metrics, eval metrics, policy artifact."""
-    params = {**TINY_RUN, "dpo.train.steps": 4, "dpo.train.eval_every": 2, "dpo.train.log_every": 2,
-              "dpo.train.progress": False, "dpo.device": "cpu"}
-    run_kedro(project_copy, ["dpo"], runtime_params=params)
-    run = mlflow_runs(project_copy)[0]
-    names = {k for k in run.data.metrics if k.startswith("dpo.")}
+def test_dpo_logs_trl_metrics_and_saves_policy(tiny_run):
+    """The dpo stage of the shared tiny run: TRL-named metrics, eval metrics, policy artifact."""
+    names = {k for k in tiny_run.metrics if k.startswith("dpo.")}
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "pairs_per_second"):
         assert f"dpo.{name}" in names and (name == "grad_norm" or f"dpo.eval_{name}" in names
                                            or name in ("learning_rate", "pairs_per_second"))
-    assert (project_copy / "data/06_models/dpo_policy/model.safetensors").exists()
+    assert (tiny_run.project / "data/06_models/dpo_policy/model.safetensors").exists()
     import mlflow
 
-    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "dpo_policy")]
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(tiny_run.run.info.run_id, "dpo_policy")]
     assert "dpo_policy/model.safetensors" in artifacts
-    assert (project_copy / "data/06_models/dpo_checkpoints/last/trainer_state.json").exists()
+    assert (tiny_run.project / "data/06_models/dpo_checkpoints/last/trainer_state.json").exists()
 
 
 def test_dpo_unknown_loss_fails_at_start_with_valid_names(project_copy):
@@ -166,34 +150,17 @@ def test_dpo_unknown_loss_fails_at_start_with_valid_names(project_copy):
     assert not any((project_copy / "data/02_intermediate").iterdir())  # before any node ran
 
 
-def test_rpo_pipeline_trains_on_reward_model_scores(project_copy):
-    """`kedro run --pipelines=rpo` (tiny sizes): K = 4 groups, RPO metrics, gold-pair eval, policy."""
-    params = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
-              "reward_model.device": "cpu", "rpo.train.steps": 4, "rpo.train.eval_every": 2,
-              "rpo.train.log_every": 2, "rpo.train.progress": False, "rpo.device": "cpu"}
-    run_kedro(project_copy, ["rpo"], runtime_params=params)
-    run = mlflow_runs(project_copy)[0]
-    names = {k for k in run.data.metrics if k.startswith("rpo.")}
+def test_rpo_trains_on_reward_model_scores(tiny_run):
+    """The rpo stage of the shared tiny run: K = 4 groups, RPO metrics, gold-pair eval, policy."""
+    names = {k for k in tiny_run.metrics if k.startswith("rpo.")}
     assert {"rpo.loss", "rpo.target_margin", "rpo.ranking_agreement", "rpo.rewards/accuracies",
             "rpo.eval_rewards/accuracies", "rpo.eval_target_margin", "rpo.pairs_per_second"} <= names
-    assert (project_copy / "data/06_models/rpo_policy/model.safetensors").exists()
-    with pytest.raises(ValueError, match=r"rpo.distance = 'js': must be 'bwd_kl', 'fwd_kl' or 'sq'"):
-        run_kedro(project_copy, ["rpo"], runtime_params={**params, "rpo.distance": "js"})
+    assert (tiny_run.project / "data/06_models/rpo_policy/model.safetensors").exists()
 
 
-def test_evaluation_pipeline_compares_policies_with_the_reference(project_copy):
-    """`kedro run --pipelines=evaluation` (tiny sizes): per-policy metrics, tables, PNGs, summary."""
-    params = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
-              "reward_model.device": "cpu", "reward_model.score.batch_size": 256,
-              "dpo.train.steps": 2, "dpo.train.progress": False, "dpo.device": "cpu",
-              "rpo.train.steps": 2, "rpo.train.progress": False, "rpo.device": "cpu",
-              **TINY_ONLINE,
-              "evaluation.max_prompts": 6, "evaluation.sampling.n_samples": 3,
-              "evaluation.sampling.max_new_tokens": 6, "evaluation.progress": False,
-              "evaluation.device": "cpu"}
-    run_kedro(project_copy, ["evaluation"], runtime_params=params)
-    run = mlflow_runs(project_copy)[0]
-    m = run.data.metrics
+def test_evaluation_compares_policies_with_the_reference(tiny_run):
+    """The evaluation stage of the shared tiny run: per-policy metrics, tables, PNGs, summary."""
+    project, run, m = tiny_run.project, tiny_run.run, tiny_run.metrics
     for policy in ("reference", "dpo", "rpo", "rpo_online"):
         for name in ("gold_reward_mean", "rm_score_mean", "kl_to_reference", "win_rate_gold",
                      "win_rate_rm", "preference_accuracy", "length_mean", "distinct_2"):
@@ -201,15 +168,16 @@ def test_evaluation_pipeline_compares_policies_with_the_reference(project_copy):
     assert m["evaluation.reference.kl_to_reference"] == 0.0
     assert m["evaluation.reference.win_rate_gold"] == 0.5 == m["evaluation.reference.preference_accuracy"]
     assert 0 <= m["evaluation.dpo.gold_reward_mean"] <= 1 and m["evaluation.dpo.length_mean"] <= 6
+    prompts, n_samples = tiny_run.params["evaluation.max_prompts"], tiny_run.params["evaluation.sampling.n_samples"]
 
-    samples = pd.read_parquet(project_copy / "data/07_model_output/evaluation/scored_samples.parquet")
-    assert len(samples) == 4 * 6 * (3 + 1)  # policies x prompts x (samples + greedy)
-    assert samples.groupby("policy")["group_id"].nunique().eq(6).all()
+    samples = pd.read_parquet(project / "data/07_model_output/evaluation/scored_samples.parquet")
+    assert len(samples) == 4 * prompts * (n_samples + 1)  # policies x prompts x (samples + greedy)
+    assert samples.groupby("policy")["group_id"].nunique().eq(prompts).all()
     ref = samples[samples["policy"] == "reference"]
     assert (ref["logp"] == ref["ref_logp"]).all() and samples["rm"].notna().all()
-    report = project_copy / "data/08_reporting"
+    report = project / "data/08_reporting"
     table = pd.read_csv(report / "evaluation_samples.csv")
-    assert len(table) == 6 and {"prompt", "reference", "dpo", "rpo", "rpo_online", "dpo_gold"} <= set(
+    assert len(table) == prompts and {"prompt", "reference", "dpo", "rpo", "rpo_online", "dpo_gold"} <= set(
         table.columns)
     for png in ("training_curves.png", "reward_vs_kl.png", "win_rates.png"):
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
@@ -231,29 +199,41 @@ def test_evaluation_pipeline_compares_policies_with_the_reference(project_copy):
     preview = ReportTableDataset(filepath=str(report / "evaluation_metrics.parquet")).preview(2)
     assert preview["columns"][0] == "policy" and len(preview["data"]) == 2
     # training histories are catalog datasets (<method>.training_history) the plots read
-    histories = project_copy / "data/06_models/training_history"
+    histories = project / "data/06_models/training_history"
     for name in ("dpo", "rpo", "rpo_online", "reward_model"):
         data = json.loads((histories / f"{name}.json").read_text())
         data = data.get("data", data)  # the reward model's carries its cache fingerprint
         assert data["loss"] and all(set(e) == {"value", "step"} for e in data["loss"]), name
-    assert not list((project_copy / "data/06_models").rglob("training_history.json"))
+    assert not list((project / "data/06_models").rglob("training_history.json"))
 
 
-def test_online_rounds_log_per_round_metrics(project_copy):
-    """`kedro run --pipelines=rpo_online` with rpo_online.rounds=3 from --params: three rounds
-    unrolled, metrics per round, the last round's policy saved as rpo_online.policy_model."""
-    params = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
-              "reward_model.device": "cpu", **TINY_ONLINE, "rpo_online.rounds": 3}
-    run_kedro(project_copy, ["rpo_online"], runtime_params=params)
-    m = mlflow_runs(project_copy)[0].data.metrics
+def test_run_is_tagged_with_what_ran_and_the_precision(tiny_run):
+    """hooks.TagRuns: the pipelines, methods, env, commit, and what decides the last digits."""
+    import torch
+
+    tags = tiny_run.run.data.tags
+    assert tags["rpo_pipeline.pipelines"] == "evaluation" and tags["rpo_pipeline.env"] == "local"
+    assert tags["rpo_pipeline.methods"] == "dpo,rpo,rpo_online"
+    assert tags["mlflow.source.git.commit"] == "unknown"  # the test's project copy has no git
+    assert tags["rpo_pipeline.precision"] == "fp32"  # auto on a CPU, whatever the CPU
+    assert tags["rpo_pipeline.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert tags["rpo_pipeline.cpu_bf16"]
+    bits = {k: v for k, v in tiny_run.metrics.items() if k.endswith("precision_bits")}
+    assert len(bits) >= 5 and set(bits.values()) == {32}, bits
+
+
+def test_online_rounds_log_per_round_metrics(tiny_run):
+    """rpo_online.rounds=3 from --params in the shared tiny run: three rounds unrolled, metrics per
+    round, the last round's policy saved as rpo_online.policy_model."""
+    m, project = tiny_run.metrics, tiny_run.project
     for r in (1, 2, 3):
         assert {f"rpo_online.round_{r}.{k}" for k in ("loss", "sample_reward_mean", "prompts")} <= set(m)
     assert m["rpo_online.round_3.prompts"] == 8 and "rpo_online.round_4.loss" not in m
-    models = project_copy / "data/06_models"
+    models = project / "data/06_models"
     assert (models / "rpo_online_policy/model.safetensors").exists()
     assert sorted(p.name for p in (models / "rpo_online").iterdir()) == ["round_1_policy",
                                                                          "round_2_policy"]
-    samples = pd.read_parquet(project_copy / "data/07_model_output/rpo_online/round_3_samples.parquet")
+    samples = pd.read_parquet(project / "data/07_model_output/rpo_online/round_3_samples.parquet")
     assert len(samples) == 2 * 8 and samples["group_id"].nunique() == 8
 
 

@@ -119,7 +119,6 @@ TINY = {"reference.sft.steps": 3, "reference.sft.progress": False, "reference.de
         "evaluation.sampling.max_new_tokens": 5, "evaluation.progress": False, "evaluation.device": "cpu"}
 
 
-@pytest.mark.slow
 def test_llama_checkpoint_with_its_chat_template_through_every_stage(project_copy, checkpoints):
     """`kedro run --pipelines=evaluation --params base_model.name_or_path=<llama dir>,...`."""
     run_kedro(project_copy, ["evaluation"], runtime_params={
@@ -138,7 +137,6 @@ def test_llama_checkpoint_with_its_chat_template_through_every_stage(project_cop
     assert rm.load_in_4bit and rm.target_modules == LLAMA_PROJECTIONS
 
 
-@pytest.mark.slow
 def test_gpt2_checkpoint_without_pad_token_trains_dpo(project_copy, checkpoints):
     run_kedro(project_copy, ["dpo"], runtime_params={**TINY, "base_model.name_or_path": str(checkpoints["gpt2"])})
     run = mlflow_runs(project_copy)[0]

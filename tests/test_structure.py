@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 STAGES = {
     "data_processing": {"ingest_preferences", "split_by_prompt", "make_pairs", "build_base_model",
                         "format_responses", "tokenize_responses", "tokenize_prompts",
@@ -58,7 +56,6 @@ def test_registry_has_every_pipeline_and_node():
         report.inputs)
 
 
-@pytest.mark.slow
 def test_kedro_viz_build_exports_every_pipeline_node_and_layer(project_copy: Path):
     """`kedro viz build` (offline) writes the structure kedro-viz shows: check it is all there."""
     kedro = shutil.which("kedro", path=str(Path(sys.executable).parent)) or "kedro"

@@ -27,7 +27,7 @@ def _run(out: Path, resume: bool, *extra: str) -> subprocess.CompletedProcess:
 
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, processes):
     straight = tmp_path / "straight"
     assert _run(straight, resume=False).returncode == 0
 
@@ -53,7 +53,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
 
 
-def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path, processes):
     out = tmp_path / "nan"
     res = _run(out, False, "21")  # the 21st micro-batch (step 11, grad_accum 2) is NaN
     assert res.returncode != 0
@@ -62,7 +62,7 @@ def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
     assert checkpoint_step(out) == 10 and not (out / "final.pt").exists()
 
 
-def test_nan_gradient_with_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_gradient_with_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, processes):
     out = tmp_path / "nan_grad"
     res = _run(out, False, "21", "grad")
     assert res.returncode != 0
