@@ -9,6 +9,7 @@ optional bf16 autocast, periodic evaluation, and atomic checkpoints it can resum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -214,6 +215,29 @@ def make_accelerator(cfg: TrainConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device):
+    """On a CPU, torch's deterministic kernels for the block (restored afterwards).
+
+    Some CPU backward kernels accumulate in parallel in an order that changes from run to run:
+    ``index_put_`` with ``accumulate=True`` (the backward of gathering each row's shared-prompt
+    cache) on 2 threads gave weights differing in the last bits between two identical RPO rounds in
+    one process. Their deterministic versions cost little on a CPU and make the same command give
+    the same numbers (``make reproduce``). On CUDA the fast kernels are kept (deterministic ones
+    need ``CUBLAS_WORKSPACE_CONFIG`` and cost speed).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
           collate: Callable[[list[Any]], Batch], loss_fn: LossFn, cfg: TrainConfig,
           desc: str = "train", eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None
@@ -230,6 +254,14 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     (``FloatingPointError``) before the optimizer step, so the weights and the last checkpoint
     stay the last good state.
     """
+    with deterministic_kernels(resolve_device(cfg.device)):
+        return _train(model, items, lengths, collate, loss_fn, cfg, desc, eval_fn)
+
+
+def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
+           collate: Callable[[list[Any]], Batch], loss_fn: LossFn, cfg: TrainConfig,
+           desc: str, eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None) -> TrainResult:
+    """``train``'s loop."""
     rank, size = world()
     accelerator = make_accelerator(cfg)
     device = accelerator.device
