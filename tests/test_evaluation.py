@@ -193,6 +193,26 @@ def test_policy_metrics_by_hand():
     assert m.loc["reference", "win_rate_gold"] == 0.5
     assert m.loc["dpo", "length_mean"] == 3.5 and m.loc["dpo", "samples"] == 4  # greedy excluded
     assert m.loc["dpo", "distinct_2"] == pytest.approx(3 / 4)
+    # how the reward model ranks each policy's own samples against gold
+    # dpo: rm ranks [3, 1, 3, 3], gold ranks [3.5, 1, 2, 3.5] -> cov 3 / sqrt(3 * 4.5)
+    assert m.loc["dpo", "rm_gold_spearman"] == pytest.approx(3 / 13.5 ** 0.5)
+    # reference: rm ranks [1.5, 3.5, 1.5, 3.5], gold ranks [1.5, 3, 4, 1.5] -> -1 / sqrt(4 * 4.5)
+    assert m.loc["reference", "rm_gold_spearman"] == pytest.approx(-1 / 18 ** 0.5)
+    # pairs within a prompt whose gold differs: dpo prompt 0 (.9 > .4, rm 2 > 1) right, prompt 1
+    # (.8 < .9, rm 2 = 2) a tie -> 1.5 / 2; reference: prompt 0 right, prompt 1 wrong -> 1 / 2
+    assert m.loc["dpo", "rm_gold_pair_accuracy"] == 0.75
+    assert m.loc["reference", "rm_gold_pair_accuracy"] == 0.5
+
+
+def test_pair_agreement_counts_only_pairs_whose_gold_differs():
+    from rpo_pipeline.evaluation import pair_agreement, rank_correlation
+
+    assert pair_agreement([[1, 2, 3]], [[0.1, 0.2, 0.3]]) == 1.0  # 3 pairs, all right
+    assert pair_agreement([[3, 2, 1]], [[0.1, 0.2, 0.3]]) == 0.0
+    assert pair_agreement([[1, 2], [5, 5]], [[0.5, 0.5], [0.1, 0.9]]) == 0.5  # one pair: a score tie
+    assert np.isnan(pair_agreement([[1, 2]], [[0.5, 0.5]]))  # no pair differs in gold
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert np.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))  # a constant score has no ranking
 
 
 def test_reports_are_labelled():
@@ -225,6 +245,7 @@ def test_without_a_gold_judge_reports_use_the_reward_model():
     samples = _samples().assign(gold=np.nan)
     metrics = policy_metrics(samples).assign(preference_accuracy=[0.5, 0.9])
     assert metrics["gold_reward_mean"].isna().all() and metrics["win_rate_gold"].isna().all()
+    assert metrics["rm_gold_spearman"].isna().all() and metrics["rm_gold_pair_accuracy"].isna().all()
     assert metrics.set_index("policy").loc["dpo", "win_rate_rm"] == pytest.approx(7.5 / 8)
     ax = reporting.reward_vs_kl(samples, metrics).axes[0]
     assert ax.get_ylabel() == "reward-model score (mean)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers import DEFAULT_DATA, base_params
 
 from rpo_pipeline.base_model import make_base_model
@@ -117,14 +118,25 @@ def test_one_online_round_raises_the_reward_model_score_of_the_policy_samples(ti
 
     def rm_score_of_samples(handle, round_index):
         s = sample_round(handle, tok, prompts, params, round_index=round_index)
-        return label_round(s, rm, policy, tok, {"mean": 0.0, "std": 1.0}, params)
+        return label_round(s, rm, policy, tok, {"mean": 0.0, "std": 1.0}, params, base_params("evaluation"))
 
     labelled = rm_score_of_samples(policy, 1)
     assert labelled["ref_logp"].lt(0).all() and labelled["target"].notna().all()
+    assert labelled["gold"].between(0, 1).all()  # VADER on the decoded completions, to monitor
     np.testing.assert_allclose(labelled["ref_logp"], labelled["logp"], atol=1e-3)  # π = π_ref
     model, history, metrics = train_round(policy, tok, labelled, params, round_index=1)
     assert history["loss"] and set(history) < set(metrics)  # the history is the curves only
     assert metrics["sample_reward_mean"][0]["value"] == pytest.approx(labelled["reward"].mean())
+    assert metrics["sample_gold_mean"][0]["value"] == pytest.approx(labelled["gold"].mean())
+    assert -1 <= metrics["rm_gold_spearman"][0]["value"] <= 1
+    assert 0 <= metrics["rm_gold_pair_accuracy"][0]["value"] <= 1
+    # gold never feeds training: the same round with other gold scores trains the same weights
+    shuffled = labelled.assign(gold=labelled["gold"].sample(frac=1.0, random_state=0).to_numpy())
+    other, _, _ = train_round(policy, tok, shuffled, params, round_index=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(),
+                                                  strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(),
+                                                  strict=True))
     PretrainedDirDataset(filepath=str(root / "round_1")).save(model)
     trained = PretrainedDirDataset(filepath=str(root / "round_1")).load()
     # samples on the same prompts with the same seed: only the policy differs, so compare paired

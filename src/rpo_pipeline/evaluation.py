@@ -178,11 +178,41 @@ def preference_accuracy(margins: np.ndarray) -> float:
     return float(((m > 0) + 0.5 * (m == 0)).mean()) if len(m) else float("nan")
 
 
+def rank_correlation(scores: Sequence[float], gold: Sequence[float]) -> float:
+    """Spearman's ρ of two score arrays (Pearson's r of their ranks, ties sharing the average rank);
+    NaN when either is constant."""
+    a = pd.Series(scores, dtype=float).rank().to_numpy()
+    b = pd.Series(gold, dtype=float).rank().to_numpy()
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def pair_agreement(groups: Sequence[Sequence[float]], gold: Sequence[Sequence[float]]) -> float:
+    """Over the pairs of samples of one prompt whose gold differs, the share that ``groups``'
+    scores order like gold (a tie in score counts half); NaN when no pair differs in gold.
+
+    ``groups[p]`` and ``gold[p]`` are the scores of prompt p's samples (any number per prompt).
+    """
+    hits, pairs = 0.0, 0
+    for s, y in zip(groups, gold, strict=True):
+        s, y = np.asarray(s, float), np.asarray(y, float)
+        i, j = np.triu_indices(len(s), 1)
+        differ = y[i] != y[j]
+        agree = (np.sign(s[i] - s[j]) * np.sign(y[i] - y[j]))[differ]
+        hits += float((agree > 0).sum() + 0.5 * (agree == 0).sum())
+        pairs += int(differ.sum())
+    return hits / pairs if pairs else float("nan")
+
+
 def policy_metrics(samples: pd.DataFrame, reference: str = "reference") -> pd.DataFrame:
     """Per policy: the evaluation metrics over its sampled completions.
 
     ``samples`` has one row per sampled completion: policy, group_id, sample, completion, tokens,
-    gold (NaN without a gold judge), rm, logp, ref_logp.
+    gold (NaN without a gold judge), rm, logp, ref_logp. ``rm_gold_spearman`` and
+    ``rm_gold_pair_accuracy`` say how well the reward model ranks this policy's own samples
+    (``rank_correlation``, ``pair_agreement``): where they fall below the reward model's accuracy on
+    its training data, the policy is being optimised against the proxy's errors.
     """
     s = samples[samples["sample"] >= 0].sort_values(["policy", "group_id", "sample"], kind="stable")
 
@@ -201,6 +231,10 @@ def policy_metrics(samples: pd.DataFrame, reference: str = "reference") -> pd.Da
             "win_rate_gold": (win_rate(grid(policy, "gold"), grid(reference, "gold"))
                               if has_gold else float("nan")),
             "win_rate_rm": win_rate(grid(policy, "rm"), grid(reference, "rm")),
+            "rm_gold_spearman": rank_correlation(part["rm"], part["gold"]) if has_gold else float("nan"),
+            "rm_gold_pair_accuracy": (pair_agreement([g["rm"] for _, g in part.groupby("group_id")],
+                                                     [g["gold"] for _, g in part.groupby("group_id")])
+                                      if has_gold else float("nan")),
             "length_mean": part["tokens"].mean(),
             "distinct_2": distinct_n(part["completion"].tolist(), 2),
             "samples": len(part),

@@ -21,6 +21,7 @@ METRIC_LABELS = {
     "kl_to_reference": "KL to reference (nats)", "win_rate_gold": "win rate vs ref (gold)",
     "win_rate_rm": "win rate vs ref (RM)", "preference_accuracy": "test-pair accuracy",
     "length_mean": "length (tokens)", "distinct_2": "distinct-2",
+    "rm_gold_spearman": "RM-gold Spearman", "rm_gold_pair_accuracy": "RM-gold pair accuracy",
 }
 
 
@@ -144,7 +145,8 @@ def markdown_summary(metrics: pd.DataFrame, samples: pd.DataFrame, params: Evalu
         f"{s.max_new_tokens} new tokens, seed {s.seed}) plus one greedy completion. Gold "
         f"judge: `{params.gold_judge}`. KL: mean over the policy's own samples of "
         "log π(y|x) − log π_ref(y|x), in nats. Win rates: every sample against every reference "
-        "sample of the same prompt, ties half.", "",
+        "sample of the same prompt, ties half. RM-gold Spearman / pair accuracy: how well the reward "
+        "model ranks the policy's own samples (pairs of one prompt whose gold differs).", "",
         "| policy | " + " | ".join(METRIC_LABELS[m] for m in METRIC_LABELS) + " |",
         "|---|" + "---:|" * len(METRIC_LABELS),
     ]

@@ -32,7 +32,7 @@ from rpo_pipeline.training import resolve_device
 log = logging.getLogger(__name__)
 REFERENCE = "reference"
 METRICS = ("gold_reward_mean", "rm_score_mean", "kl_to_reference", "win_rate_gold", "win_rate_rm",
-           "preference_accuracy", "length_mean", "distinct_2")
+           "preference_accuracy", "length_mean", "distinct_2", "rm_gold_spearman", "rm_gold_pair_accuracy")
 
 
 def _completion_logps(model: PretrainedHandle, prompts: list[list[int]],

@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 
 from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.evaluation import make_gold_judge, pair_agreement, rank_correlation
 from rpo_pipeline.jobs import InferenceJob, PolicyJob, Split, infer
 from rpo_pipeline.online import round_prompts, sample_groups
-from rpo_pipeline.params import RpoOnlineParams
+from rpo_pipeline.params import EvaluationParams, RpoOnlineParams
 from rpo_pipeline.pipelines.policy_training.nodes import run_policy_job
 from rpo_pipeline.policy import group_items, reward_targets
 from rpo_pipeline.tracking import MetricsPayload, scalars
@@ -49,15 +50,19 @@ def sample_round(policy: PretrainedHandle, tokenizer: PretrainedHandle,
 
 
 def label_round(samples: pd.DataFrame, reward_model: PretrainedHandle, sft_model: PretrainedHandle,
-                tokenizer: PretrainedHandle, reward_stats: dict, params: dict[str, Any]
-                ) -> pd.DataFrame:
-    """Reward-model score, normalised target and log π_ref of every sample.
+                tokenizer: PretrainedHandle, reward_stats: dict, params: dict[str, Any],
+                evaluation_params: dict[str, Any]) -> pd.DataFrame:
+    """Reward-model score, normalised target and log π_ref of every sample, and its gold score
+    (``evaluation.gold_judge``; NaN without one) to monitor the reward model on the policy's own
+    samples. Training reads the reward model's targets only, never gold.
 
     π_ref's log-probs are computed here (the samples are new, so no cache entry can hold them).
     """
     t0 = time.perf_counter()
     p = RpoOnlineParams.parse(params)
-    pad = tokenizer.load().pad_token_id
+    e = EvaluationParams.parse(evaluation_params)
+    tok = tokenizer.load()
+    pad = tok.pad_token_id
     seqs, starts = samples["input_ids"].map(list).tolist(), samples["response_start"].tolist()
     t = p.train
     rewards = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
@@ -66,7 +71,14 @@ def label_round(samples: pd.DataFrame, reward_model: PretrainedHandle, sft_model
     ref_logp, _ = infer(InferenceJob("response_logps", str(sft_model.path), p.device, {
         "input_ids": seqs, "response_starts": starts, "pad_id": pad, "batch_size": p.sampling.batch_size,
         "progress": False}, precision=t.precision), t.num_processes, t.backend, sft_model.load)
-    out = samples.assign(reward=np.asarray(rewards, dtype=float), ref_logp=ref_logp)
+    judge = make_gold_judge(e.gold_judge, e.gold_judge_args)
+    if judge is None:
+        gold = np.full(len(samples), np.nan)
+    else:
+        texts = tok.batch_decode([s[k:] for s, k in zip(seqs, starts, strict=True)], skip_special_tokens=True)
+        gold = judge([t.strip() for t in texts])
+    out = samples.assign(reward=np.asarray(rewards, dtype=float), ref_logp=ref_logp,
+                         gold=np.asarray(gold, dtype=float))
     targets = reward_targets(out, out, reward_stats, "reward_model", p.reward_normalization)
     out = out.merge(targets, on=["group_id", "response_index"], how="left")
     log.info("%s: labelled %d samples in %.1f s; reward mean %.3f", p.group, len(out),
@@ -80,7 +92,9 @@ def train_round(policy: PretrainedHandle, tokenizer: PretrainedHandle, labelled:
     """``train.steps`` RPO steps on this round's samples, from the current policy.
 
     Besides the training curves, logs the samples' reward-model score (of the policy that entered
-    the round), its spread within a prompt, and their length.
+    the round), its spread within a prompt, and their length; with a gold judge also their gold
+    score and how well the reward model ranks them (``rm_gold_spearman``,
+    ``rm_gold_pair_accuracy``, as the evaluation computes them for each policy).
     """
     p = RpoOnlineParams.parse(params)
     t = p.train
@@ -94,7 +108,14 @@ def train_round(policy: PretrainedHandle, tokenizer: PretrainedHandle, labelled:
                     Split(*items), Split([], []))
     model, history, metrics = run_policy_job(policy, job, p)
     spread = labelled.groupby("group_id")["reward"].std(ddof=0).mean()
-    return model, history, metrics | scalars({
+    gold = {}
+    if labelled["gold"].notna().all():
+        by_prompt = labelled.groupby("group_id")
+        gold = {"sample_gold_mean": float(labelled["gold"].mean()),
+                "rm_gold_spearman": rank_correlation(labelled["reward"], labelled["gold"]),
+                "rm_gold_pair_accuracy": pair_agreement([g["reward"] for _, g in by_prompt],
+                                                        [g["gold"] for _, g in by_prompt])}
+    return model, history, metrics | scalars(gold | {
         "sample_reward_mean": float(labelled["reward"].mean()),
         "sample_reward_spread": float(spread),
         "sample_tokens_mean": float(labelled["tokens"].mean()),

@@ -27,7 +27,7 @@ def round_template(r: int) -> Pipeline:
              outputs="samples", name="sample_round"),
         Node(label_round,
              inputs=["samples", "reward_model", "sft_model", "tokenizer", "reward_stats",
-                     "params:rpo_online"],
+                     "params:rpo_online", "params:evaluation"],
              outputs="labelled_samples", name="label_round"),
         Node(_for_round(train_round, r),
              inputs=["previous_policy", "tokenizer", "labelled_samples", "params:rpo_online"],
@@ -46,5 +46,5 @@ def create_pipeline(rounds: int = 2, **kwargs) -> Pipeline:
                     "training_history": "rpo_online.training_history"} if r == rounds else None)
         out += Pipeline(round_template(r), namespace=f"rpo_online.round_{r}",
                         inputs={"previous_policy": previous, **{s: s for s in SHARED}},
-                        outputs=outputs, parameters={"params:rpo_online"})
+                        outputs=outputs, parameters={"params:rpo_online", "params:evaluation"})
     return out
