@@ -205,13 +205,25 @@ def pair_agreement(groups: Sequence[Sequence[float]], gold: Sequence[Sequence[fl
     return hits / pairs if pairs else float("nan")
 
 
+def rm_gold_agreement(samples: pd.DataFrame, score: str = "rm", gold: str = "gold") -> dict[str, float]:
+    """How well ``score`` ranks these samples against ``gold``: ``rm_gold_spearman``
+    (``rank_correlation``) and ``rm_gold_pair_accuracy`` (``pair_agreement`` within each
+    ``group_id``); NaN where a sample has no gold score."""
+    if not samples[gold].notna().all():
+        return {"rm_gold_spearman": float("nan"), "rm_gold_pair_accuracy": float("nan")}
+    by_prompt = samples.groupby("group_id")
+    return {"rm_gold_spearman": rank_correlation(samples[score], samples[gold]),
+            "rm_gold_pair_accuracy": pair_agreement([g[score] for _, g in by_prompt],
+                                                    [g[gold] for _, g in by_prompt])}
+
+
 def policy_metrics(samples: pd.DataFrame, reference: str = "reference") -> pd.DataFrame:
     """Per policy: the evaluation metrics over its sampled completions.
 
     ``samples`` has one row per sampled completion: policy, group_id, sample, completion, tokens,
     gold (NaN without a gold judge), rm, logp, ref_logp. ``rm_gold_spearman`` and
     ``rm_gold_pair_accuracy`` say how well the reward model ranks this policy's own samples
-    (``rank_correlation``, ``pair_agreement``): where they fall below the reward model's accuracy on
+    (``rm_gold_agreement``): where they fall below the reward model's accuracy on
     its training data, the policy is being optimised against the proxy's errors.
     """
     s = samples[samples["sample"] >= 0].sort_values(["policy", "group_id", "sample"], kind="stable")
@@ -231,10 +243,7 @@ def policy_metrics(samples: pd.DataFrame, reference: str = "reference") -> pd.Da
             "win_rate_gold": (win_rate(grid(policy, "gold"), grid(reference, "gold"))
                               if has_gold else float("nan")),
             "win_rate_rm": win_rate(grid(policy, "rm"), grid(reference, "rm")),
-            "rm_gold_spearman": rank_correlation(part["rm"], part["gold"]) if has_gold else float("nan"),
-            "rm_gold_pair_accuracy": (pair_agreement([g["rm"] for _, g in part.groupby("group_id")],
-                                                     [g["gold"] for _, g in part.groupby("group_id")])
-                                      if has_gold else float("nan")),
+            **rm_gold_agreement(part),
             "length_mean": part["tokens"].mean(),
             "distinct_2": distinct_n(part["completion"].tolist(), 2),
             "samples": len(part),

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from rpo_pipeline.datasets import PretrainedHandle
-from rpo_pipeline.evaluation import make_gold_judge, pair_agreement, rank_correlation
+from rpo_pipeline.evaluation import make_gold_judge, rm_gold_agreement
 from rpo_pipeline.jobs import InferenceJob, PolicyJob, Split, infer
 from rpo_pipeline.online import round_prompts, sample_groups
 from rpo_pipeline.params import EvaluationParams, RpoOnlineParams
@@ -110,11 +110,8 @@ def train_round(policy: PretrainedHandle, tokenizer: PretrainedHandle, labelled:
     spread = labelled.groupby("group_id")["reward"].std(ddof=0).mean()
     gold = {}
     if labelled["gold"].notna().all():
-        by_prompt = labelled.groupby("group_id")
         gold = {"sample_gold_mean": float(labelled["gold"].mean()),
-                "rm_gold_spearman": rank_correlation(labelled["reward"], labelled["gold"]),
-                "rm_gold_pair_accuracy": pair_agreement([g["reward"] for _, g in by_prompt],
-                                                        [g["gold"] for _, g in by_prompt])}
+                **rm_gold_agreement(labelled, score="reward")}
     return model, history, metrics | scalars(gold | {
         "sample_reward_mean": float(labelled["reward"].mean()),
         "sample_reward_spread": float(spread),
