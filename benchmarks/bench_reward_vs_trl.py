@@ -38,7 +38,7 @@ def trl_accuracy(model, test_items, pad_id: int, batch: int = 32) -> float:
     with torch.inference_mode():
         for i in range(0, len(test_items), batch):
             part = test_items[i:i + batch]
-            seqs = [c for c, _, _ in part] + [r for _, r, _ in part]
+            seqs = [i.chosen_input_ids for i in part] + [i.rejected_input_ids for i in part]
             b = collate(seqs, [0] * len(seqs), pad_id, padding_side="right")
             r = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, 0].float()
             right += int((r[:len(part)] > r[len(part):]).sum())
@@ -97,8 +97,8 @@ def main() -> None:
         from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
         from trl import RewardConfig, RewardTrainer
 
-        ds = Dataset.from_dict({"chosen_ids": [list(map(int, c)) for c, _, _ in items],
-                                "rejected_ids": [list(map(int, r)) for _, r, _ in items]})
+        ds = Dataset.from_dict({"chosen_ids": [list(map(int, i.chosen_input_ids)) for i in items],
+                                "rejected_ids": [list(map(int, i.rejected_input_ids)) for i in items]})
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.float32) if four_bit else None

@@ -129,7 +129,8 @@ TINY_EVALUATION = {
     "rpo.train.progress": False, "rpo.device": "cpu",
     **TINY_ONLINE, "rpo_online.rounds": 3,
     "evaluation.max_prompts": 6, "evaluation.sampling.n_samples": 2,
-    "evaluation.sampling.max_new_tokens": 6, "evaluation.progress": False, "evaluation.device": "cpu"}
+    "evaluation.sampling.max_new_tokens": 6, "evaluation.progress": False, "evaluation.device": "cpu",
+    "evaluation.curve.prompts": 2}
 
 
 @pytest.fixture(scope="session")

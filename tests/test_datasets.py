@@ -309,7 +309,7 @@ def test_every_dataset_has_a_yaml_and_a_python_example_and_keyword_only_argument
     import rpo_pipeline.datasets as ds
 
     classes = [getattr(ds, n) for n in ds.__all__ if n.endswith("Dataset")]
-    assert len(classes) == 6
+    assert len(classes) == 7
     for cls in classes:
         assert "Example (YAML)::" in cls.__doc__ and "Example (Python)::" in cls.__doc__, cls
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]

@@ -251,3 +251,35 @@ def test_without_a_gold_judge_reports_use_the_reward_model():
     assert ax.get_ylabel() == "reward-model score (mean)"
     bars = reporting.win_rates(metrics).axes[0]
     assert [t.get_text() for t in bars.get_legend().get_texts()] == ["tie with reference", "reward model"]
+
+
+def test_curve_steps_are_evenly_spaced_and_leave_out_the_trained_policy():
+    from rpo_pipeline.evaluation import curve_steps
+
+    assert curve_steps(100, 4) == [25, 50, 75]
+    assert curve_steps(70, 4) == [18, 35, 52]  # round(17.5) = 18 (banker's rounding keeps it even)
+    assert curve_steps(3, 4) == [1, 2]  # fewer steps than points: each step once
+    assert curve_steps(10, 1) == []
+
+
+def test_gold_at_matched_kl_interpolates_each_curve():
+    from rpo_pipeline.evaluation import gold_at_matched_kl
+
+    curves = pd.DataFrame({
+        "method": ["a"] * 3 + ["b"] * 3, "step": [0, 5, 10] * 2,
+        "kl": [0.0, 2.0, 6.0, 0.0, 1.0, 4.0], "gold": [0.5, 0.7, 0.8, 0.5, 0.6, 0.9]})
+    kl, gold = gold_at_matched_kl(curves)
+    assert kl == 4.0  # the largest KL both reach
+    assert gold["b"] == pytest.approx(0.9)
+    assert gold["a"] == pytest.approx(0.7 + 0.1 * (4.0 - 2.0) / (6.0 - 2.0))  # 0.75
+
+
+def test_overoptimization_plot_has_gold_and_proxy_panels():
+    curves = pd.DataFrame({"method": ["dpo"] * 2 + ["rpo"] * 2, "step": [0, 10] * 2,
+                           "gold": [0.5, 0.7, 0.5, 0.6], "rm": [0.0, 1.0, 0.0, 2.0],
+                           "kl": [0.0, 4.0, 0.0, 1.0], "sqrt_kl": [0.0, 2.0, 0.0, 1.0]})
+    fig = reporting.overoptimization(curves)
+    gold_ax, proxy_ax = fig.axes
+    assert "Gold" in gold_ax.get_title() and "Proxy" in proxy_ax.get_title()
+    assert [line.get_label() for line in gold_ax.get_lines()] == ["dpo", "rpo"]
+    np.testing.assert_allclose(proxy_ax.get_lines()[1].get_ydata(), [0.0, 2.0])

@@ -90,8 +90,10 @@ def test_registered_models_load_offline_and_reproduce_the_pipeline(tiny_run, tmp
         rows = pd.DataFrame({"prompt": groups.loc[scores["group_id"], "prompt"].tolist(),
                              "response": [groups.loc[g, "responses"][k] for g, k in
                                           zip(scores["group_id"], scores["response_index"], strict=True)]})
-        got = reward.predict(rows)["score"].to_numpy()
-        np.testing.assert_allclose(got, scores["reward"].to_numpy(), atol=1e-4)
+        got = reward.predict(rows)
+        assert list(got.columns) == ["score", "score_std"]  # one model: its score, no spread
+        np.testing.assert_allclose(got["score"].to_numpy(), scores["reward"].to_numpy(), atol=1e-4)
+        assert (got["score_std"] == 0).all()
 
 
 def test_a_registered_policy_is_served_over_http(tiny_run, processes):

@@ -105,7 +105,7 @@ def tiny(tmp_path_factory):
 def test_one_online_round_raises_the_reward_model_score_of_the_policy_samples(tiny):
     from rpo_pipeline.pipelines.rpo_online.nodes import label_round, sample_round, train_round
 
-    root, prompts, _ = tiny
+    root, prompts, groups = tiny
     policy = PretrainedDirDataset(filepath=str(root / "policy")).load()
     tok = PretrainedDirDataset(filepath=str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load()
     rm = PretrainedDirDataset(filepath=str(root / "reward_model"),
@@ -118,7 +118,8 @@ def test_one_online_round_raises_the_reward_model_score_of_the_policy_samples(ti
 
     def rm_score_of_samples(handle, round_index):
         s = sample_round(handle, tok, prompts, params, round_index=round_index)
-        return label_round(s, rm, policy, tok, {"mean": 0.0, "std": 1.0}, params, base_params("evaluation"))
+        return label_round(s, rm, policy, tok, {"mean": 0.0, "std": 1.0}, groups, params,
+                           base_params("evaluation"), base_params("reward_model"))
 
     labelled = rm_score_of_samples(policy, 1)
     assert labelled["ref_logp"].lt(0).all() and labelled["target"].notna().all()
@@ -133,8 +134,6 @@ def test_one_online_round_raises_the_reward_model_score_of_the_policy_samples(ti
     # gold never feeds training: the same round with other gold scores trains the same weights
     shuffled = labelled.assign(gold=labelled["gold"].sample(frac=1.0, random_state=0).to_numpy())
     other, _, _ = train_round(policy, tok, shuffled, params, round_index=1)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(),
-                                                  strict=True))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(),
                                                   strict=True))
     PretrainedDirDataset(filepath=str(root / "round_1")).save(model)
@@ -184,3 +183,63 @@ def test_generate_preferences_writes_the_canonical_schema(tiny):
     texts = [t for r in gold["responses"] for t in r]
     from rpo_pipeline.evaluation import vader_positivity
     np.testing.assert_allclose([s for r in gold["scores"] for s in r], vader_positivity(texts))
+
+
+def _round_setup(tiny, overrides):
+    from rpo_pipeline.pipelines.rpo_online.nodes import label_round, sample_round
+
+    root, prompts, groups = tiny
+    policy = PretrainedDirDataset(filepath=str(root / "policy")).load()
+    tok = PretrainedDirDataset(filepath=str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load()
+    rm = PretrainedDirDataset(filepath=str(root / "reward_model"),
+                              load_class="rpo_pipeline.reward_model.RewardModel").load()
+    params = base_params("rpo_online", {"device": "cpu", "prompts_per_round": 48,
+                                        "sampling.max_new_tokens": 12, **overrides})
+    samples = sample_round(policy, tok, prompts, params, round_index=1)
+    labelled = label_round(samples, rm, policy, tok, {"mean": 0.0, "std": 1.0}, groups, params,
+                           base_params("evaluation"), base_params("reward_model"))
+    return params, policy, tok, rm, labelled
+
+
+def test_judge_gold_trains_on_gold_scores(tiny):
+    from rpo_pipeline.evaluation import vader_positivity
+
+    params, *_, labelled = _round_setup(tiny, {"judge": "gold"})
+    _, _, groups = tiny
+    train = groups[groups["split"] == "train"]
+    g = vader_positivity([r for rs in train["responses"] for r in rs])
+    np.testing.assert_allclose(labelled["target"], (labelled["gold"] - g.mean()) / g.std(), atol=1e-9)
+    assert not np.allclose(labelled["target"], labelled["reward"])  # not the reward model's
+
+
+def test_one_refresh_raises_the_reward_models_gold_agreement_on_the_rounds_samples(tiny):
+    from rpo_pipeline.online import refresh_pairs
+    from rpo_pipeline.pipelines.rpo_online.nodes import count_gold_labels, refresh_reward_model, rescore_round
+    from rpo_pipeline.preference_groups import groups_to_pairs
+    from rpo_pipeline.text_format import format_groups, tokenize_examples
+
+    root, _, groups = tiny
+    params, _, tok, rm_handle, labelled = _round_setup(
+        tiny, {"refresh": {"labels_per_round": 48, "steps": 40}})
+    pairs = refresh_pairs(labelled, 48, seed=0, round_index=1)
+    assert 0 < len(pairs) <= 48 and (pairs["gold_chosen"] > pairs["gold_rejected"]).all()
+    tokenized = tokenize_examples(format_groups(groups), tok.load(), 32, 64)
+    rm_params = base_params("reward_model", {"device": "cpu", "train.lr": 1e-2, "train.progress": False,
+                                             "train.batch_size": 8})
+    model, stats, all_pairs, metrics = refresh_reward_model(
+        labelled, rm_handle, PretrainedDirDataset(filepath=str(root / "tokenizer"),
+                                                  load_class="transformers.AutoTokenizer").load(),
+        tokenized, groups_to_pairs(groups), groups, params, rm_params, round_index=1)
+    before = metrics["refresh_before_rm_gold_spearman"][0]["value"]
+    after = metrics["refresh_after_rm_gold_spearman"][0]["value"]
+    assert after > before + 0.1, (before, after)
+    assert len(all_pairs) == len(pairs) and stats["std"] > 0
+    PretrainedDirDataset(filepath=str(root / "refreshed")).save(model)
+    refreshed = PretrainedDirDataset(filepath=str(root / "refreshed"),
+                                     load_class="rpo_pipeline.reward_model.RewardModel").load()
+    rescored = rescore_round(labelled, refreshed, stats, PretrainedDirDataset(
+        filepath=str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load(), params, rm_params)
+    assert not np.allclose(rescored["reward"], labelled["reward"])
+    np.testing.assert_allclose(rescored["target"], (rescored["reward"] - stats["mean"]) / stats["std"])
+    used = count_gold_labels({"train_pairs": [{"value": 100, "step": 0}]}, params, all_pairs)
+    assert used["gold_labels_used"][0]["value"] == 100 + len(pairs)

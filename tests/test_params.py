@@ -136,6 +136,15 @@ RULES = [
     ({"reference.sft.responses": "rejected"}, "reference.sft.responses = 'rejected': must be 'all' or 'chosen'"),
     ({"reward_model.head_input": "pooled"}, "reward_model.head_input = 'pooled': must be 'hidden' or 'logits'"),
     ({"reward_model.compute_dtype": "int8"}, "reward_model.compute_dtype = 'int8': must be 'float32', "),
+    ({"reward_model.pooling": "max"}, "reward_model.pooling = 'max': must be 'last' or 'mean'"),
+    ({"reward_model.margin_column": "score_difference"},
+     "reward_model.margin_column = 'score_difference' needs comparisons: pairs"),
+    ({"reward_model.ensemble.members": 0}, "reward_model.ensemble.members = 0"),
+    ({"reward_model.ensemble.aggregate": "max"}, "reward_model.ensemble.aggregate = 'max': must be 'mean', "
+                                                 "'min' or 'mean_minus_std'"),
+    ({"rpo_online.judge": "human"}, "rpo_online.judge = 'human': must be 'reward_model' or 'gold'"),
+    ({"rpo_online.refresh.labels_per_round": -1}, "rpo_online.refresh.labels_per_round = -1"),
+    ({"evaluation.curve.points": 0}, "evaluation.curve.points = 0"),
     ({"dpo.train.schedule": "step"}, "dpo.train.schedule = 'step': must be 'linear', 'cosine',"),
     ({"rpo.device": "gpu"}, "rpo.device = 'gpu': String should match pattern"),
     ({"data_processing.template": "{prompt} then"}, "data_processing.template = '{prompt} then': template "

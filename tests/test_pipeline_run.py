@@ -207,6 +207,22 @@ def test_evaluation_compares_policies_with_the_reference(tiny_run):
     assert not list((project / "data/06_models").rglob("training_history.json"))
 
 
+def test_curves_have_a_point_per_checkpoint_and_method(tiny_run):
+    """evaluation.curves: the reference (step 0) and evaluation.curve.points policies per method
+    (dpo / rpo: 4 steps, points at 1, 2, 3 and the trained policy; rpo_online: its 3 rounds), each
+    kept as a catalog dataset; the plot; matched-KL gold in MLflow."""
+    project, m = tiny_run.project, tiny_run.metrics
+    curves = pd.read_csv(project / "data/08_reporting/evaluation_curves.csv")
+    steps = curves.groupby("method")["step"].apply(list).to_dict()
+    assert steps == {"dpo": [0, 1, 2, 3, 4], "rpo": [0, 1, 2, 3, 4], "rpo_online": [0, 2, 4, 6]}
+    assert (curves.loc[curves["step"] == 0, "kl"] == 0).all() and curves["gold"].between(0, 1).all()
+    assert (curves["samples"] == 2 * 2).all()  # curve.prompts (2) x sampling.n_samples
+    kept = project / "data/06_models/curve_policies"
+    assert sorted(p.name for p in (kept / "dpo").iterdir()) == ["1", "2", "3"]
+    assert (project / "data/08_reporting/overoptimization.png").read_bytes()[:4] == b"\x89PNG"
+    assert {f"evaluation.curve.{x}.gold_at_matched_kl" for x in ("dpo", "rpo", "rpo_online")} <= set(m)
+
+
 def test_run_is_tagged_with_what_ran_and_the_precision(tiny_run):
     """hooks.TagRuns: the pipelines, methods, env, commit, and what decides the last digits."""
     import torch

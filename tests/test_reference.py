@@ -188,10 +188,14 @@ def test_policy_training_with_lora_reads_only_the_cache_and_merges(data, saved):
         "train.steps": 6, "train.batch_size": 8, "train.lr": 1e-2, "train.warmup_steps": 0,
         "train.progress": False, "train.log_every": 2, "train.eval_every": 3,
         "train.checkpoint_every": 0, "train.checkpoint_dir": None})
-    policy, history, metrics = train_dpo_policy(base, tok, data["tokenized"], data["pairs"], ref.value,
-                                                params)
+    policy, curve, history, metrics = train_dpo_policy(base, tok, data["tokenized"], data["pairs"],
+                                                       ref.value, params,
+                                                       base_params("evaluation", {"curve.points": 3}))
     assert history["eval_rewards/accuracies"] == metrics["eval_rewards/accuracies"]
     assert not hasattr(policy, "peft_config")  # merged back into a plain causal LM
+    assert list(curve) == ["2", "4"] and not any(hasattr(m, "peft_config") for m in curve.values())
+    first, second = (dict(m.named_parameters()) for m in curve.values())
+    assert any(not torch.equal(first[n], second[n]) for n in first)  # the weights of two steps
     moved = [n for (n, p), (_, q) in zip(policy.named_parameters(), data["model"].named_parameters(),
                                          strict=True) if not torch.equal(p, q)]
     assert moved and all("c_attn" in n for n in moved)  # only the adapted layers changed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import bitsandbytes as bnb
+import numpy as np
 import pytest
 import torch
 from helpers import DEFAULT_DATA, base_params, train_config
@@ -87,11 +88,11 @@ def test_reward_model_learns_and_survives_save_load(setup, tmp_path):
     assert (tmp_path / "rm" / "adapter_model.safetensors").exists()
     assert (tmp_path / "rm" / "reward_head.safetensors").exists()
     fresh = ds.load().load()
-    seqs = [c for c, _, _ in val[:8]] + [r for _, r, _ in val[:8]]
+    seqs = [i.chosen_input_ids for i in val[:8]] + [i.rejected_input_ids for i in val[:8]]
     starts = [2] * len(seqs)
     before = reward_model.score(model, seqs, starts, setup["tok"].pad_token_id)
     after = reward_model.score(fresh, seqs, starts, setup["tok"].pad_token_id)
-    assert after == pytest.approx(before, abs=1e-4)  # adapter and head both restored
+    np.testing.assert_allclose(after, before, atol=1e-4)  # adapter and head both restored
 
 
 def test_logits_head_and_full_precision_variant(setup):
@@ -121,3 +122,88 @@ def test_margin_column_without_scores_fails_before_any_model_loads(setup):
     with pytest.raises(ValueError, match=r"reward_model.margin_column 'score_difference': \d+ of \d+ train "
                                          r"pairs have no finite value .* set margin_column: null"):
         reward_pair_items(setup["tokenized"], unscored, "train", "score_difference")
+
+
+def test_ensemble_bradley_terry_weights_each_member_by_its_bootstrap_counts():
+    from rpo_pipeline.losses import ensemble_bradley_terry
+
+    r_c, r_r = torch.tensor([[2.0, 0.0], [0.5, 1.0]]), torch.tensor([[1.0, 1.0], [1.5, 0.0]])
+    w = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # member 1 did not draw pair 0
+    nll = lambda x: -math.log(1 / (1 + math.exp(-x)))  # noqa: E731
+    member0 = (2 * nll(1.0) + nll(-1.0)) / 3
+    member1 = nll(1.0)
+    assert ensemble_bradley_terry(r_c, r_r, w).item() == pytest.approx((member0 + member1) / 2, abs=1e-6)
+    ones = torch.ones(2, 2)  # equal weights: the mean of the members' plain losses
+    assert ensemble_bradley_terry(r_c, r_r, ones).item() == pytest.approx(
+        (bradley_terry(r_c[:, 0], r_r[:, 0]) + bradley_terry(r_c[:, 1], r_r[:, 1])).item() / 2, abs=1e-6)
+
+
+def test_ensemble_of_two_scores_with_a_spread_and_min_below_mean(setup, tmp_path):
+    """Two members: two LoRA adapters on the one 4-bit backbone (peft multi-adapter), each with its
+    seed, head row and bootstrap resample; both learn, and they survive save / load."""
+    model = RewardModel.for_training(_config(setup, members=2), seed=0)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    assert {n.split(".")[-2] for n in lora} == {"default", "member_1"}
+    items, lengths = reward_pair_items(setup["tokenized"], setup["pairs"], "train")
+    items = reward_model.with_bootstrap(items, 2, seed=0)
+    counts = np.array([i.member_weights for i in items])
+    assert counts.shape == (len(items), 2) and (counts.sum(0) == len(items)).all()
+    assert (counts[:, 0] != counts[:, 1]).any()  # each member its own resample
+    train(model, items, lengths, pair_collate(setup["tok"].pad_token_id), reward_pair_loss_fn(),
+          train_config(steps=4, lr=1e-2, batch_size=8, warmup_steps=0))
+    moved = {n.split(".")[-2] for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(lora[n], p)}
+    assert moved == {"default", "member_1"}, moved
+    seqs = [i.chosen_input_ids for i in items[:16]]
+    starts = [i.chosen_response_start for i in items[:16]]
+    members = reward_model.score(model, seqs, starts, setup["tok"].pad_token_id)
+    model.save_pretrained(str(tmp_path / "ens"))
+    assert (tmp_path / "ens" / "member_1" / "adapter_model.safetensors").exists()
+    again = RewardModel.from_pretrained(str(tmp_path / "ens"))
+    np.testing.assert_allclose(reward_model.score(again, seqs, starts, setup["tok"].pad_token_id), members,
+                               atol=1e-4)
+    assert members.shape == (16, 2)
+    mean, std = reward_model.ensemble_reward(members, "mean")
+    low, _ = reward_model.ensemble_reward(members, "min")
+    pessimistic, _ = reward_model.ensemble_reward(members, "mean_minus_std", penalty=2.0)
+    assert (std > 0).all()
+    assert (low <= mean).all() and (low < mean).any()
+    np.testing.assert_allclose(pessimistic, mean - 2.0 * std)
+    np.testing.assert_allclose(mean, members.mean(1))
+
+
+def test_mean_pooling_averages_the_response_states_in_every_batch_layout(setup):
+    from rpo_pipeline.reward_model import RewardPair
+
+    model = RewardModel.for_training(_config(setup, pooling="mean", load_in_4bit=False), seed=0).eval()
+    seqs = [[5, 6, 7, 8, 9], [5, 6, 7, 10], [11, 12, 13, 14, 15, 16]]
+    starts = [3, 3, 2]
+    decoder = model.backbone.get_decoder()
+    with torch.no_grad():
+        want = []
+        for s, k in zip(seqs, starts, strict=True):
+            h = decoder(input_ids=torch.tensor([s])).last_hidden_state[0]
+            want.append(model.head(h[k:].mean(0)).item())
+        rows = reward_model.score(model, seqs, starts, setup["tok"].pad_token_id)[:, 0]
+        shared = reward_model.score(model, seqs, starts, setup["tok"].pad_token_id, share_prefix=True)[:, 0]
+        pair = model(pair_collate(setup["tok"].pad_token_id, share_prefix=True)(
+            [RewardPair(seqs[0], seqs[1], 0.0, 3, 3)]))
+    np.testing.assert_allclose(rows, want, atol=1e-5)
+    np.testing.assert_allclose(shared, want, atol=1e-5)
+    np.testing.assert_allclose(pair.numpy(), want[:2], atol=1e-5)
+    last = RewardModel(model.backbone, RewardModelConfig(backbone_path="x"), model.head).eval()
+    with torch.no_grad():
+        h = decoder(input_ids=torch.tensor([seqs[0]])).last_hidden_state[0]
+        assert reward_model.score(last, seqs[:1], starts[:1], 0)[0, 0] == pytest.approx(
+            model.head(h[-1]).item(), abs=1e-5)
+
+
+def test_all_comparisons_of_a_group_are_its_ordered_pairs():
+    import pandas as pd
+
+    groups = pd.DataFrame({"group_id": ["g", "t"], "prompt": ["p", "q"],
+                           "responses": [["a", "b", "c"], ["x", "y"]],
+                           "scores": [[0.1, 0.5, 0.3], [0.2, 0.2]], "labeled_pair": [False, False],
+                           "split": ["train", "train"]})
+    pairs = groups_to_pairs(groups, rejected="all")
+    assert sorted(zip(pairs["chosen"], pairs["rejected"], strict=True)) == [("b", "a"), ("b", "c"), ("c", "a")]
+    assert (pairs["score_chosen"] > pairs["score_rejected"]).all()  # the tied group gives none

@@ -19,10 +19,12 @@ STAGES = {
     "dpo": {"dpo.train_policy"},
     "rpo": {"rpo.train_policy"},
     "rpo_online": {f"rpo_online.round_{r}.{step}" for r in range(1, 5)  # rpo_online.rounds: 4
-                   for step in ("sample_round", "label_round", "train_round")},
+                   for step in ("sample_round", "label_round", "train_round")}
+                  | {"rpo_online.count_gold_labels"},
     "evaluation": {"evaluation.sample_reference", "evaluation.sample_dpo", "evaluation.sample_rpo",
                    "evaluation.sample_rpo_online", "evaluation.score_samples", "evaluation.pair_accuracy",
                    "evaluation.summarize_evaluation", "evaluation.report_evaluation",
+                   "evaluation.score_curves", "evaluation.report_curves",
                    "evaluation.package_dpo", "evaluation.package_rpo", "evaluation.package_rpo_online"},
 }
 # each stage's pipeline runs the stages it needs

@@ -100,3 +100,28 @@ def test_non_finite_gradient_skips_the_optimizer_step(bad):
     with pytest.raises(FloatingPointError, match=r"gradient norm is (nan|inf) at step 3"):
         train(model, items, [4] * 8, sft_collate(0), loss_fn, train_config(steps=5, batch_size=2, lr=0.1))
     assert torch.equal(model.logits.detach(), seen["before"])
+
+
+def test_snapshots_are_the_weights_after_their_steps():
+    """The intermediate policies of the over-optimisation curves: the weights after steps 2 and 4
+    of one run equal the weights of runs stopped there."""
+    from rpo_pipeline.reference import sft_collate
+
+    items = [SftExample([1, 2, 3, 4], 1), SftExample([4, 3, 2, 1], 1)] * 4
+
+    def loss_fn(m, batch):
+        return -torch.log_softmax(m.logits[batch["input_ids"]], -1).mean(), {}
+
+    def run(steps: int, snapshot_steps=()):
+        torch.manual_seed(0)
+        model = TableLM()
+        result = train(model, items, [4] * 8, sft_collate(0), loss_fn,
+                       train_config(steps=steps, batch_size=2, lr=0.1, schedule="constant",
+                                    warmup_steps=0), snapshot_steps=snapshot_steps,
+                       snapshot_fn=lambda m: m.logits.detach().clone())
+        return model.logits.detach(), result.snapshots
+
+    final, snaps = run(6, snapshot_steps=[2, 4])
+    assert sorted(snaps) == [2, 4]
+    assert torch.equal(snaps[2], run(2)[0]) and torch.equal(snaps[4], run(4)[0])
+    assert not torch.equal(snaps[4], final)

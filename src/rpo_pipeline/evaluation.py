@@ -26,6 +26,12 @@ from rpo_pipeline.training import local_device, resolve_device, world
 Judge = Callable[[list[str]], np.ndarray]
 
 
+def curve_steps(steps: int, points: int) -> list[int]:
+    """The steps of the intermediate policies of an over-optimisation curve: ``points`` evenly
+    spaced points of a ``steps``-step run, the last being the trained policy (not listed)."""
+    return sorted({round(k * steps / points) for k in range(1, points)} - {0, steps})
+
+
 def eval_prompts(prompts: pd.DataFrame, split: str = "test", max_prompts: int | None = None
                  ) -> pd.DataFrame:
     """One row per group of ``split`` (``tokenized_prompts``), by group_id: group_id, prompt_ids."""
@@ -249,3 +255,25 @@ def policy_metrics(samples: pd.DataFrame, reference: str = "reference") -> pd.Da
             "samples": len(part),
         })
     return pd.DataFrame(rows)
+
+
+def gold_at_matched_kl(curves: pd.DataFrame, value: str = "gold") -> tuple[float, dict[str, float]]:
+    """Each method's ``value`` interpolated (linearly in KL, along its curve in step order) at the
+    largest KL every method reaches: methods compared at matched KL, not at their end points.
+
+    ``curves`` has method, step, kl and ``value`` (``score_curves``' table, the reference at step
+    0 of each method). Returns the matched KL and the value per method (NaN where a curve's KL
+    does not increase along training).
+    """
+    parts = {m: c.sort_values("step") for m, c in curves.groupby("method", sort=True)}
+    kl = float(min(c["kl"].max() for c in parts.values()))
+    out = {}
+    for m, c in parts.items():
+        x, y = c["kl"].to_numpy(), c[value].to_numpy()
+        hi = int(np.argmax(x >= kl))  # the first point at or beyond the matched KL
+        if hi == 0:
+            out[m] = float(y[0])
+        else:
+            lo = hi - 1
+            out[m] = float(y[lo] + (y[hi] - y[lo]) * (kl - x[lo]) / (x[hi] - x[lo])) if x[hi] > x[lo] else float("nan")
+    return kl, out

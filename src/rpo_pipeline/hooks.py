@@ -63,18 +63,20 @@ class ValidateParameters:
             sources.append("--params")
         params = validate_project_params(loader["parameters"], source=" + ".join(sources))
         stage_precisions(loader["parameters"], set(GROUPS))  # e.g. fp16 on a CPU: refused here
-        self._shape_the_dag(params.rpo_online.rounds, params.generate_preferences.judge)
+        self._shape_the_dag(params.rpo_online.rounds, params.generate_preferences.judge,
+                            params.rpo_online.refresh.labels_per_round > 0)
 
     @staticmethod
-    def _shape_the_dag(rounds: int, judge: str) -> None:
-        """The registry unrolls ``rpo_online.rounds`` rounds (Kedro DAGs have no loops) and wires
+    def _shape_the_dag(rounds: int, judge: str, refresh: bool) -> None:
+        """The registry unrolls ``rpo_online.rounds`` rounds (Kedro DAGs have no loops), adds the
+        refresh nodes when ``rpo_online.refresh.labels_per_round`` > 0 and wires
         ``generate_preferences.judge``, so the pipelines are built from this run's values; built
         ones with other values are rebuilt."""
         from kedro.framework.project import pipelines
 
         from rpo_pipeline.pipeline_registry import set_run_shape
 
-        if set_run_shape(rounds, judge):
+        if set_run_shape(rounds, judge, refresh):
             pipelines._is_data_loaded = False  # Kedro's lazy cache: rebuilt on next access
 
 

@@ -14,6 +14,7 @@ removed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import pickle
@@ -51,6 +52,7 @@ class PolicyJob:
     train: Split
     val: Split  # DPO: val pairs; RPO: val groups
     val_pairs: Split | None = None  # RPO: val pairs ranked by the data's scores (rewards/* metrics)
+    snapshot_steps: list[int] = field(default_factory=list)  # intermediate policies to keep
 
 
 @dataclass
@@ -60,6 +62,7 @@ class RewardModelJob:
     params: dict[str, Any]  # reward_model parameters
     train: Split
     evals: dict[str, Split] = field(default_factory=dict)  # val / test pairs, scored after training
+    init_from: str | None = None  # a saved reward model to train further (``config`` unused)
 
 
 @dataclass
@@ -134,8 +137,14 @@ def fit_policy(job: PolicyJob, model: torch.nn.Module | None = None
         torch.manual_seed(p.train.seed)  # the adapter's initialisation, the same in every process
         model = get_peft_model(model, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha,
                                                  lora_dropout=p.lora.dropout, target_modules=targets))
+    def snapshot(wrapped: torch.nn.Module) -> torch.nn.Module:
+        """A CPU copy of the policy (its adapter merged)."""
+        lm = copy.deepcopy(wrapped.lm).cpu()
+        return lm.merge_and_unload() if p.lora.enabled else lm
+
     result = train(ResponseLogps(model), job.train.items, job.train.lengths, collate, loss_fn,
-                   cfg, desc=job.method, eval_fn=eval_fn if job.val.items else None)
+                   cfg, desc=job.method, eval_fn=eval_fn if job.val.items else None,
+                   snapshot_steps=job.snapshot_steps, snapshot_fn=snapshot)
     if p.lora.enabled:
         model = model.merge_and_unload()
     return model.cpu(), result, {}
@@ -145,19 +154,25 @@ def fit_reward_model(job: RewardModelJob, model: torch.nn.Module | None = None
                      ) -> tuple[torch.nn.Module, TrainResult, dict[str, float]]:
     """Bradley–Terry training of LoRA + head on the (4-bit) backbone; then accuracy and loss on
     each split of ``job.evals`` (training is over: evaluating may repack the 4-bit weights)."""
-    from rpo_pipeline.losses import reward_pair_loss_fn
+    from rpo_pipeline.losses import reward_group_loss_fn, reward_pair_loss_fn
     from rpo_pipeline.params import RewardModelParams
-    from rpo_pipeline.reward_model import RewardModel, pair_collate
+    from rpo_pipeline.reward_model import RewardGroup, RewardModel, group_collate, pair_collate
 
     p = RewardModelParams.model_validate(job.params)
     cfg = _config(p.train.model_dump(), p.device)
-    if model is None:
+    if model is None and job.init_from is not None:
+        model = RewardModel.continue_training(job.init_from, seed=cfg.seed, device=p.device)
+    elif model is None:
         model = RewardModel.for_training(job.config, seed=cfg.seed, device=p.device)
     if p.disable_dropout:
         disable_dropout(model)
     collate = pair_collate(job.pad_id)
     loss_fn = reward_pair_loss_fn(p.center_coef)
-    result = train(model, job.train.items, job.train.lengths, collate, loss_fn, cfg,
+    if any(isinstance(i, RewardGroup) for i in job.train.items):  # whole groups (or with pairs)
+        train_collate, train_loss = group_collate(job.pad_id), reward_group_loss_fn(p.center_coef)
+    else:
+        train_collate, train_loss = collate, loss_fn
+    result = train(model, job.train.items, job.train.lengths, train_collate, train_loss, cfg,
                    desc="reward_model")
     metrics: dict[str, float] = {}
     for split, data in job.evals.items():
@@ -190,7 +205,7 @@ def fit_sft(job: SftJob, model: torch.nn.Module | None = None
 FITS: dict[str, Callable[..., tuple[torch.nn.Module, TrainResult, dict[str, float]]]] = {
     "policy": fit_policy, "reward_model": fit_reward_model, "sft": fit_sft}
 
-JOB_FILE, MODEL_DIR, RESULT_FILE = "job.pkl", "model", "result.json"
+JOB_FILE, MODEL_DIR, RESULT_FILE, SNAPSHOT_DIR = "job.pkl", "model", "result.json", "snapshots"
 
 
 def _fit_worker(kind: str, workdir: str) -> None:
@@ -201,6 +216,8 @@ def _fit_worker(kind: str, workdir: str) -> None:
     rank, _ = world()
     if rank == 0:
         model.save_pretrained(str(Path(workdir) / MODEL_DIR))
+        for step, snap in result.snapshots.items():
+            snap.save_pretrained(str(Path(workdir) / SNAPSHOT_DIR / str(step)))
         (Path(workdir) / RESULT_FILE).write_text(json.dumps({
             "history": result.history, "log_steps": result.log_steps, "seconds": result.seconds,
             "items_per_second": result.items_per_second, "precision": result.precision,
@@ -224,8 +241,11 @@ def fit_in_workers(kind: str, job: Any, num_processes: int, backend: str, device
         run_workers(_fit_worker, (kind, tmp), num_processes, backend, timeout_s)
         out = json.loads((Path(tmp) / RESULT_FILE).read_text())
         model = load(str(Path(tmp) / MODEL_DIR))
+        snaps = Path(tmp) / SNAPSHOT_DIR
+        snapshots = {int(d.name): load(str(d)) for d in sorted(snaps.iterdir())} if snaps.exists() else {}
     result = TrainResult(history=out["history"], log_steps=out["log_steps"], seconds=out["seconds"],
-                         items_per_second=out["items_per_second"], precision=out["precision"])
+                         items_per_second=out["items_per_second"], precision=out["precision"],
+                         snapshots=snapshots)
     return model, result, out["metrics"]
 
 

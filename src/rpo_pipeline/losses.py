@@ -60,14 +60,66 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     return loss
 
 
+def ensemble_bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor,
+                           margin: torch.Tensor | float = 0.0, center_coef: float = 0.0
+                           ) -> torch.Tensor:
+    """Bradley–Terry loss of an ensemble of M reward heads, each on its own bootstrap of the pairs.
+
+    r_*: (B, M) rewards; weights w: (B, M), how often member m drew pair i (bootstrap counts).
+
+    L = (1/M) Σ_m [ Σ_i w_im · (−log σ(r_c,im − r_r,im − m_i)) / Σ_i w_im ]  +  c · mean((r_c + r_r)²)
+
+    A member that drew no pair of the batch adds nothing.
+    """
+    margin = margin.unsqueeze(-1) if isinstance(margin, torch.Tensor) else margin
+    nll = -F.logsigmoid(r_chosen - r_rejected - margin)
+    loss = ((nll * weights).sum(0) / weights.sum(0).clamp(min=1e-8)).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
 def reward_pair_loss_fn(center_coef: float = 0.0):
-    """loss_fn for ``training.train``: chosen and rejected scored in one forward."""
+    """loss_fn for ``training.train``: chosen and rejected scored in one forward. An ensemble's
+    rewards (N, M) train each member on its bootstrap weights (``batch['member_weights']``);
+    accuracy and margin are those of the members' mean."""
     def fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         rewards = model(batch)
         n = rewards.shape[0] // 2
         r_c, r_r = rewards[:n], rewards[n:]
-        loss = bradley_terry(r_c, r_r, batch["margin"], center_coef)
+        if rewards.dim() == 2:
+            weights = batch.get("member_weights", torch.ones_like(r_c))  # evaluation: every pair
+            loss = ensemble_bradley_terry(r_c, r_r, weights, batch["margin"], center_coef)
+            r_c, r_r = r_c.mean(-1), r_r.mean(-1)
+        else:
+            loss = bradley_terry(r_c, r_r, batch["margin"], center_coef)
         diff = (r_c - r_r).detach()
+        return loss, {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean())}
+    return fn
+
+
+def reward_group_loss_fn(center_coef: float = 0.0):
+    """loss_fn for ``training.train`` over ``reward_model.group_collate`` batches: every response
+    scored once, the Bradley–Terry loss of each comparison, averaged within its group and then over
+    groups (InstructGPT: each prompt's K(K−1)/2 comparisons weigh as one item). An ensemble's
+    members each weigh the groups by their bootstrap counts.
+
+    L = (1/M) Σ_m Σ_g w_gm · mean_{(i,j) ∈ g} [−log σ(r_im − r_jm)] / Σ_g w_gm  +  c · mean(r²)
+    """
+    def fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        rewards = model(batch)
+        r = rewards if rewards.dim() == 2 else rewards.unsqueeze(-1)  # (N, M)
+        d = r[batch["chosen_index"]] - r[batch["rejected_index"]]  # (C, M)
+        group = batch["comparison_group"]
+        n_groups = int(group.max()) + 1
+        count = torch.zeros(n_groups, device=d.device).index_add_(0, group, torch.ones_like(group, dtype=d.dtype))
+        per_group = torch.zeros(n_groups, r.shape[1], device=d.device, dtype=d.dtype).index_add_(
+            0, group, -F.logsigmoid(d)) / count.unsqueeze(-1)
+        w = batch.get("member_weights", torch.ones_like(per_group))
+        loss = ((per_group * w).sum(0) / w.sum(0).clamp(min=1e-8)).mean()
+        if center_coef:
+            loss = loss + center_coef * (r ** 2).mean()
+        diff = d.mean(-1).detach()
         return loss, {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean())}
     return fn
 

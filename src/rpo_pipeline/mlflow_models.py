@@ -139,7 +139,7 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
-        from rpo_pipeline.reward_model import score
+        from rpo_pipeline.reward_model import ensemble_reward, score
         from rpo_pipeline.text_format import format_groups, tokenize_examples
 
         if "response" not in model_input.columns:
@@ -150,10 +150,11 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
         examples = tokenize_examples(
             format_groups(groups, fmt["template"], fmt["use_chat_template"], tok), tok,
             fmt["max_prompt_length"], fmt["max_length"], chat_template=fmt["use_chat_template"])
-        scores = score(self.model, examples["input_ids"].map(list).tolist(),
+        members = score(self.model, examples["input_ids"].map(list).tolist(),
                        examples["response_start"].tolist(), tok.pad_token_id,
                        batch_size=int((params or {}).get("batch_size", self.config["batch_size"])))
-        return pd.DataFrame({"score": scores})
+        mean, std = ensemble_reward(members)
+        return pd.DataFrame({"score": mean, "score_std": std})
 
 
 def signature(bundle: ModelBundle) -> ModelSignature:
@@ -166,7 +167,7 @@ def signature(bundle: ModelBundle) -> ModelSignature:
                             ColSpec("string", "completion")]),
             params=ParamSchema([ParamSpec(k, _PARAM_TYPES[type(v)], v) for k, v in sampling.items()]))
     return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
-                          outputs=Schema([ColSpec("double", "score")]),
+                          outputs=Schema([ColSpec("double", "score"), ColSpec("double", "score_std")]),
                           params=ParamSchema([ParamSpec("batch_size", "long",
                                                         int(bundle.config["batch_size"]))]))
 

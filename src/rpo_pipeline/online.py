@@ -75,3 +75,26 @@ def scored_groups(groups: pd.DataFrame, samples: pd.DataFrame, source: str) -> p
                      "labeled_pair": False, "sft_target": None, "source_file": source,
                      "source_row": int(g["source_row"]), "split": g["split"]})
     return pd.DataFrame.from_records(recs, columns=[*GROUP_COLUMNS, "split"])
+
+
+REFRESH_COLUMNS = ["round", "group_id", "chosen_input_ids", "rejected_input_ids", "response_start",
+                   "gold_chosen", "gold_rejected"]
+
+
+def refresh_pairs(labelled: pd.DataFrame, labels: int, seed: int, round_index: int) -> pd.DataFrame:
+    """Up to ``labels`` pairs of a round's samples for the labeller (the gold judge standing in for
+    human raters): in each of ``labels`` prompts (a seeded choice), the samples the reward model
+    scores highest and lowest, the one with the higher gold score chosen. The reward model's own
+    favourites are where a policy exploits it; a gold tie gives no pair."""
+    prompts = labelled["group_id"].drop_duplicates().sort_values(kind="stable").to_numpy()
+    rng = np.random.default_rng([seed, round_index])
+    picked = set(rng.permutation(prompts)[:labels].tolist())
+    rows = []
+    for gid, g in labelled[labelled["group_id"].isin(picked)].groupby("group_id", sort=True):
+        top, bottom = g.loc[g["reward"].idxmax()], g.loc[g["reward"].idxmin()]
+        if top["gold"] == bottom["gold"]:
+            continue
+        c, r = (top, bottom) if top["gold"] > bottom["gold"] else (bottom, top)
+        rows.append((round_index, gid, list(c["input_ids"]), list(r["input_ids"]),
+                     int(c["response_start"]), float(c["gold"]), float(r["gold"])))
+    return pd.DataFrame(rows, columns=REFRESH_COLUMNS)

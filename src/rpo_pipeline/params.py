@@ -33,7 +33,7 @@ from rpo_pipeline.base_model import BUILTIN_TINY_GPT2
 from rpo_pipeline.losses import PAIR_LOSSES, RPO_DISTANCES
 from rpo_pipeline.preference_formats import FORMATS
 from rpo_pipeline.preference_groups import SPLITS
-from rpo_pipeline.reward_model import DTYPES
+from rpo_pipeline.reward_model import AGGREGATES, DTYPES
 from rpo_pipeline.text_format import Template
 
 GOLD_JUDGES = ("vader", "none", "hf_classifier")
@@ -271,12 +271,22 @@ class ReferenceParams(Schema):
 
 
 # ---- reward_model -------------------------------------------------------------------------------
+class EnsembleParams(Schema):
+    members: PosInt  # 1: one reward model
+    aggregate: Literal[tuple(AGGREGATES)]
+    penalty: NonNegFloat  # λ of mean_minus_std
+    bootstrap: bool  # each member trains on its own bootstrap resample of the pairs
+
+
 class RewardModelParams(Schema):
     group: ClassVar[str] = "reward_model"
     backbone: NonEmptyStr  # sft | base | a causal LM directory
     load_in_4bit: bool
     compute_dtype: Literal[tuple(DTYPES)]
     head_input: Literal["hidden", "logits"]
+    pooling: Literal["last", "mean"]
+    comparisons: Literal["pairs", "all"]
+    ensemble: EnsembleParams
     lora: LoraParams
     center_coef: NonNegFloat
     margin_column: Literal["score_difference", "score_chosen", "score_rejected"] | None
@@ -284,6 +294,13 @@ class RewardModelParams(Schema):
     device: Device
     train: TrainParams
     score: InferenceParams
+
+    @model_validator(mode="after")
+    def _margins_need_pairs(self) -> RewardModelParams:
+        if self.comparisons == "all" and self.margin_column is not None:
+            raise RuleError("margin_column", f"= {self.margin_column!r} needs comparisons: pairs "
+                            "(the comparisons of a whole group have no margin column)")
+        return self
 
     @model_validator(mode="after")
     def _compute_dtype_needs_4bit(self) -> RewardModelParams:
@@ -364,11 +381,17 @@ class GoldJudgeArgs(Schema):
     device: Device
 
 
+class CurveParams(Schema):
+    points: PosInt  # points per method along training, the trained policy the last (rpo_online: its rounds)
+    prompts: PosInt  # val prompts each point is sampled on (evaluation.sampling per prompt)
+
+
 class EvaluationParams(Schema):
     group: ClassVar[str] = "evaluation"
     split: Literal[SPLITS]
     max_prompts: PosInt | None
     sampling: SamplingConfig
+    curve: CurveParams
     gold_judge: Literal[GOLD_JUDGES]
     gold_judge_args: GoldJudgeArgs
     batch_size: PosInt
@@ -397,6 +420,11 @@ def _two_samples_per_prompt(sampling: SamplingConfig, why: str) -> None:
                         "least 2")
 
 
+class RefreshParams(Schema):
+    labels_per_round: NonNegInt  # 0: the reward model stays as trained offline
+    steps: PosInt  # fine-tuning steps of the reward model per round (reward_model.train's batch, lr)
+
+
 class RpoOnlineParams(RewardAwareParams):
     """Online RPO: ``rounds`` x (sample K from the current policy on ``prompts_per_round`` fresh
     train prompts, score with the reward model, π_ref log-probs, ``train.steps`` RPO steps)."""
@@ -405,6 +433,8 @@ class RpoOnlineParams(RewardAwareParams):
     rounds: PosInt
     prompts_per_round: PosInt
     sampling: SamplingConfig  # n_samples = K responses per prompt
+    judge: Literal["reward_model", "gold"]  # gold: evaluation.gold_judge scores the samples
+    refresh: RefreshParams
 
     @model_validator(mode="after")
     def _groups_need_two_responses(self) -> RpoOnlineParams:

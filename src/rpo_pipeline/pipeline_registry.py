@@ -25,15 +25,16 @@ from rpo_pipeline.pipelines import (
     rpo_online,
 )
 
-# What the DAG's shape depends on (Kedro DAGs are static): rpo_online.rounds and
-# generate_preferences.judge of the run's merged parameters (conf/base + --env + --params), set by
-# the ValidateParameters hook when the Kedro context is created, before the pipelines are built.
+# What the DAG's shape depends on (Kedro DAGs are static): rpo_online.rounds,
+# rpo_online.refresh.labels_per_round > 0 and generate_preferences.judge of the run's merged
+# parameters (conf/base + --env + --params), set by the ValidateParameters hook when the Kedro
+# context is created, before the pipelines are built.
 _shape: dict[str, Any] = {}
 
 
-def set_run_shape(rounds: int, judge: str) -> bool:
+def set_run_shape(rounds: int, judge: str, refresh: bool = False) -> bool:
     """Build the DAG for these values from now on; True if that changes it."""
-    new = {"rounds": rounds, "judge": judge}
+    new = {"rounds": rounds, "judge": judge, "refresh": refresh}
     changed = new != _shape
     _shape.update(new)
     return changed
@@ -46,7 +47,8 @@ def run_shape() -> dict[str, Any]:
     conf = Path(__file__).resolve().parents[2] / "conf" / "base"
     online = yaml.safe_load((conf / "parameters_rpo_online.yml").read_text())["rpo_online"]
     gen = yaml.safe_load((conf / "parameters_generate_preferences.yml").read_text())
-    return {"rounds": int(online["rounds"]), "judge": gen["generate_preferences"]["judge"]}
+    return {"rounds": int(online["rounds"]), "judge": gen["generate_preferences"]["judge"],
+            "refresh": int(online["refresh"]["labels_per_round"]) > 0}
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -57,7 +59,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     dp = data_processing.create_pipeline()
     ref = reference.create_pipeline()
     rm = reward_model.create_pipeline()
-    online = rpo_online.create_pipeline(rounds=shape["rounds"])
+    online = rpo_online.create_pipeline(rounds=shape["rounds"], refresh=shape["refresh"])
     policies = POLICY_METHODS
     pipelines = {
         "data_processing": dp,
@@ -69,7 +71,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     }
     # evaluation compares the reference with every policy (and scores with the reward model)
     pipelines["evaluation"] = (sum((pipelines[p] for p in policies), Pipeline([]))
-                               + evaluation.create_pipeline(policies=policies))
+                               + evaluation.create_pipeline(policies=policies, rounds=shape["rounds"]))
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
 
     # the same stages on preferences generated from π_SFT (``--pipelines=generated``)
@@ -92,6 +94,6 @@ def register_pipelines() -> dict[str, Pipeline]:
                + on_generated(policy_training.create_pipeline(method="dpo"))
                + on_generated(policy_training.create_pipeline(method="rpo")))
     # evaluation: the data's held-out prompts (their text from preference_groups)
-    pipelines["generated"] = trained + on_generated(evaluation.create_pipeline(policies=policies),
-                                                    keep_groups=True)
+    pipelines["generated"] = trained + on_generated(
+        evaluation.create_pipeline(policies=policies, rounds=shape["rounds"]), keep_groups=True)
     return pipelines

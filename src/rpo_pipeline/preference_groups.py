@@ -6,6 +6,7 @@ Kedro-free. The columns are in DEVELOPERS.md ('Canonical tables').
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -189,16 +190,27 @@ PAIR_COLUMNS = ["group_id", "prompt", "chosen", "rejected", "chosen_index", "rej
                 "score_chosen", "score_rejected"]
 
 
+def _pair_record(row: Any, responses: list[str], scores: list[float] | None, ci: int, ri: int,
+                 columns: Sequence[str]) -> dict[str, Any]:
+    return {"group_id": row.group_id, "prompt": row.prompt, "chosen": responses[ci],
+            "rejected": responses[ri], "chosen_index": ci, "rejected_index": ri,
+            "score_chosen": None if scores is None else scores[ci],
+            "score_rejected": None if scores is None else scores[ri],
+            **({"split": row.split} if "split" in columns else {})}
+
+
 def groups_to_pairs(groups: pd.DataFrame, rejected: str = "worst", seed: int = 0) -> pd.DataFrame:
-    """One preference pair per group.
+    """One preference pair per group, or (``'all'``) every ordered pair of a scored group.
 
     Labelled pairs keep their label (response 0 chosen, even when scores tie). Scored groups:
     chosen = best-scored response; rejected = the worst-scored one (``'worst'``) or a seeded random
-    response scored below the best (``'random'``, as in the RPO paper). Scored groups whose
-    responses all tie carry no preference and yield no pair.
+    response scored below the best (``'random'``, as in the RPO paper). ``'all'``: each of the
+    K(K−1)/2 comparisons of a group whose scores differ, the higher-scored response chosen
+    (InstructGPT's reward-model data). Scored groups whose responses all tie carry no preference
+    and yield no pair.
     """
-    if rejected not in ("worst", "random"):
-        raise ValueError(f"rejected must be 'worst' or 'random', got {rejected!r}")
+    if rejected not in ("worst", "random", "all"):
+        raise ValueError(f"rejected must be 'worst', 'random' or 'all', got {rejected!r}")
     recs = []
     for row in groups.itertuples(index=False):
         responses = list(row.responses)
@@ -207,6 +219,11 @@ def groups_to_pairs(groups: pd.DataFrame, rejected: str = "worst", seed: int = 0
         scores = None if row.scores is None else [float(s) for s in row.scores]
         if row.labeled_pair or scores is None:
             ci, ri = 0, 1
+        elif rejected == "all":
+            for ci, ri in itertools.permutations(range(len(scores)), 2):
+                if scores[ci] > scores[ri]:
+                    recs.append(_pair_record(row, responses, scores, ci, ri, groups.columns))
+            continue
         else:
             ci = max(range(len(scores)), key=lambda k: (scores[k], -k))
             lower = [k for k in range(len(scores)) if scores[k] < scores[ci]]
@@ -216,13 +233,7 @@ def groups_to_pairs(groups: pd.DataFrame, rejected: str = "worst", seed: int = 0
                 ri = min(lower, key=lambda k: (scores[k], k))
             else:
                 ri = random.Random(f"{seed}:{row.group_id}").choice(lower)
-        recs.append({
-            "group_id": row.group_id, "prompt": row.prompt, "chosen": responses[ci],
-            "rejected": responses[ri], "chosen_index": ci, "rejected_index": ri,
-            "score_chosen": None if scores is None else scores[ci],
-            "score_rejected": None if scores is None else scores[ri],
-            **({"split": row.split} if "split" in groups.columns else {}),
-        })
+        recs.append(_pair_record(row, responses, scores, ci, ri, groups.columns))
     return pd.DataFrame.from_records(recs, columns=PAIR_COLUMNS
                                      + (["split"] if "split" in groups.columns else []))
 

@@ -112,6 +112,32 @@ def reward_vs_kl(samples: pd.DataFrame, metrics: pd.DataFrame) -> Figure:
     return fig
 
 
+def overoptimization(curves: pd.DataFrame) -> Figure:
+    """Gold reward (left) and reward-model score (right) against √KL to the reference along each
+    method's training (Gao et al., arXiv 2210.10760, Fig. 1): where the proxy keeps rising and
+    gold flattens or falls, the policy is over-optimising the reward model. The left panel is each
+    method's reward–KL frontier on its checkpoints."""
+    fig = Figure(figsize=(10.5, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    has_gold = curves["gold"].notna().all()
+    for i, (method, c) in enumerate(curves.groupby("method", sort=False)):
+        c = c.sort_values("step")
+        for ax, col in zip(axes, ("gold", "rm"), strict=True):
+            if col == "gold" and not has_gold:
+                continue
+            ax.plot(c["sqrt_kl"], c[col], "o-", color=_color(method, i), label=method)
+            for x, y, step in zip(c["sqrt_kl"], c[col], c["step"], strict=True):
+                ax.annotate(str(step), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    axes[0].set(title="Gold reward along training", xlabel="√KL(π ‖ π_ref), √nats",
+                ylabel="gold reward (mean)")
+    axes[1].set(title="Proxy (reward model) along training", xlabel="√KL(π ‖ π_ref), √nats",
+                ylabel="reward-model score (mean)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(title="method (labels: step)", fontsize=8)
+    return fig
+
+
 def win_rates(metrics: pd.DataFrame) -> Figure:
     """Win rate of each policy against the reference, by the gold judge and the reward model."""
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")

@@ -15,6 +15,7 @@ fresh copy for each purpose (training, scoring).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -46,6 +47,8 @@ class RewardModelConfig:
     load_in_4bit: bool = True
     compute_dtype: str = "float32"  # bnb_4bit_compute_dtype
     head_input: str = "hidden"  # hidden | logits
+    pooling: str = "last"  # last: the last token's features | mean: the mean over response tokens
+    members: int = 1  # ensemble: one LoRA adapter and head row per member, rewards (N, members)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -54,6 +57,10 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         if self.head_input not in ("hidden", "logits"):
             raise ValueError(f"head_input must be 'hidden' or 'logits', got {self.head_input!r}")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}")
+        if self.members < 1:
+            raise ValueError(f"members must be at least 1, got {self.members}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}")
 
@@ -91,7 +98,10 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 class RewardModel(torch.nn.Module):
-    """r(x, y) = w · f(x, y) + b, with f the backbone's last-token hidden state or logits."""
+    """r(x, y) = w · f(x, y) + b, with f the backbone's final hidden state (or its vocabulary
+    logits) at the last token (``pooling: last``) or averaged over the response's tokens
+    (``pooling: mean``: a sum of per-token contributions over the length, the inductive bias of a
+    bag-of-words model)."""
 
     def __init__(self, backbone: torch.nn.Module, config: RewardModelConfig,
                  head: torch.nn.Linear | None = None) -> None:
@@ -100,7 +110,7 @@ class RewardModel(torch.nn.Module):
         self.config = config
         base_cfg = backbone.config
         width = base_cfg.vocab_size if config.head_input == "logits" else base_cfg.hidden_size
-        self.head = head if head is not None else torch.nn.Linear(width, 1)
+        self.head = head if head is not None else torch.nn.Linear(width, config.members)
         if head is None:
             torch.nn.init.normal_(self.head.weight, std=1.0 / (width + 1) ** 0.5)
             torch.nn.init.zeros_(self.head.bias)
@@ -120,26 +130,73 @@ class RewardModel(torch.nn.Module):
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                           lora_dropout=config.lora_dropout, target_modules=config.target_modules,
                           bias="none")
-        return cls(get_peft_model(backbone, lora), config)
+        model = get_peft_model(backbone, lora)
+        for name, m in zip(member_adapters(config.members)[1:], range(1, config.members), strict=True):
+            torch.manual_seed(seed + m)  # each member its own initialisation
+            model.add_adapter(name, lora)
+        _all_adapters_trainable(model, config.members)
+        return cls(model, config)
+
+    @classmethod
+    def continue_training(cls, path: str, seed: int = 0, device: str = "cpu") -> RewardModel:
+        """A saved reward model made trainable again: a fresh backbone (a 4-bit one that scored
+        cannot train), the saved adapter loaded trainable, the saved head."""
+        torch.manual_seed(seed)
+        config = RewardModelConfig(**json.loads((Path(path) / CONFIG_FILE).read_text()))
+        backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype,
+                                 device_map=_device_map(device))
+        if config.load_in_4bit:
+            backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+        backbone = _load_adapters(backbone, path, config.members, trainable=True)
+        _all_adapters_trainable(backbone, config.members)
+        model = cls(backbone, config)
+        model.head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
+        return model.to(backbone.device)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Rewards, shape (N,), of a left-padded ``batching.collate`` batch (whole rows: the last
-        position of every row is its last token) or a ``shared_prefix_collate`` batch."""
+        """Rewards, shape (N,), of one model; an ensemble's (N, members), member m through its
+        adapter and head row m."""
+        if self.config.members == 1:
+            return self._rewards(batch)
+        out = []
+        for m, name in enumerate([*member_adapters(self.config.members)[1:], "default"]):
+            self.backbone.base_model.set_adapter(name)
+            out.append(self._rewards(batch, (m + 1) % self.config.members))
+        if self.training:  # set_adapter froze the inactive members' adapters
+            _all_adapters_trainable(self.backbone, self.config.members)
+        return torch.stack(out[-1:] + out[:-1], dim=-1)
+
+    def _rewards(self, batch: dict[str, torch.Tensor], member: int | None = None) -> torch.Tensor:
+        """Rewards, shape (N,), of the active adapter (head row ``member``; every row if None)
+        for a left-padded ``batching.collate`` batch (whole rows: the last position of every row
+        is its last token; ``response_mask`` marks the response) or a ``shared_prefix_collate``
+        batch. A row without response tokens reads its last token."""
         if "input_ids" in batch:
-            hidden = self.config.head_input == "hidden"
-            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                position_ids=batch["position_ids"], output_hidden_states=hidden,
-                                use_cache=False, logits_to_keep=1)
-            feats = out.hidden_states[-1][:, -1] if hidden else out.logits[:, -1]
-            return self.head(feats.float()).squeeze(-1)
-        before, states = response_states(self.backbone.get_decoder(), batch)
-        last = batch["response_attention_mask"].sum(-1) - 1
-        rows = torch.arange(states.shape[0], device=states.device)
-        # the last token's state; the prompt's last state when a row has no response token
-        feats = torch.where((last >= 0).unsqueeze(-1), states[rows, last.clamp(min=0)],
-                            before[:, 0])
+            states = self.backbone.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+            mask = batch["response_mask"]
+            last = torch.zeros_like(mask)
+            last[:, -1] = True
+            mask = torch.where(mask.any(-1, keepdim=True), mask, last)
+        else:
+            before, states = response_states(self.backbone.get_decoder(), batch)
+            mask = batch["response_attention_mask"].bool()
+            # a row with no response token reads the prompt's last state
+            empty = ~mask.any(-1)
+            states = torch.where(empty[:, None, None], before, states)
+            mask = mask | (empty[:, None] & (torch.arange(mask.shape[1], device=mask.device) == 0))
+        if self.config.pooling == "mean":
+            w = mask.unsqueeze(-1).to(states.dtype)
+            feats = (states * w).sum(1) / w.sum(1)
+        else:
+            last = mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)  # each row's last marked token
+            feats = states[torch.arange(states.shape[0], device=states.device), last]
         if self.config.head_input == "logits":
             feats = self.backbone.get_output_embeddings()(feats)
+        if member is not None:
+            return torch.nn.functional.linear(feats.float(), self.head.weight[member:member + 1],
+                                              self.head.bias[member:member + 1]).squeeze(-1)
         return self.head(feats.float()).squeeze(-1)
 
     def save_pretrained(self, path: str, **_: Any) -> None:
@@ -160,11 +217,33 @@ class RewardModel(torch.nn.Module):
             config = replace(config, backbone_path=str(backbone_path))
         backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype,
                                  device_map=_device_map(device))
-        backbone = PeftModel.from_pretrained(backbone, path, is_trainable=False)
+        backbone = _load_adapters(backbone, path, config.members, trainable=False)
         cfg = backbone.config
-        head = torch.nn.Linear(cfg.vocab_size if config.head_input == "logits" else cfg.hidden_size, 1)
+        head = torch.nn.Linear(cfg.vocab_size if config.head_input == "logits" else cfg.hidden_size,
+                               config.members)
         head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
         return cls(backbone, config, head.to(backbone.device)).eval()
+
+
+def member_adapters(members: int) -> list[str]:
+    """The LoRA adapter of each ensemble member: peft's ``default`` (saved at the top of the
+    directory, as a single model's), then ``member_1`` ... (saved in subfolders)."""
+    return ["default", *(f"member_{m}" for m in range(1, members))]
+
+
+def _all_adapters_trainable(model: torch.nn.Module, members: int) -> None:
+    """Every member's LoRA weights train (peft trains the active adapter only)."""
+    if members > 1:
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+
+
+def _load_adapters(backbone: torch.nn.Module, path: str, members: int, trainable: bool) -> PeftModel:
+    model = PeftModel.from_pretrained(backbone, path, is_trainable=trainable)
+    for name in member_adapters(members)[1:]:
+        model.load_adapter(str(Path(path) / name), adapter_name=name, is_trainable=trainable)
+    return model
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -178,12 +257,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class RewardPair(NamedTuple):
-    """One reward-model training item (TRL's names): both sides' tokens (prompt + response) and
-    the margin the chosen reward should exceed the rejected one by (0: plain Bradley–Terry)."""
+    """One reward-model training item (TRL's names): both sides' tokens (prompt + response), the
+    margin the chosen reward should exceed the rejected one by (0: plain Bradley–Terry) and where
+    each side's response starts (0: the whole sequence is the response)."""
 
     chosen_input_ids: list[int]
     rejected_input_ids: list[int]
     margin: float = 0.0
+    chosen_response_start: int = 0
+    rejected_response_start: int = 0
+    member_weights: tuple[float, ...] = ()  # an ensemble member's bootstrap count of this pair
 
 
 def reward_pair_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
@@ -212,9 +295,113 @@ def reward_pair_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
         raise ValueError(f"reward_model.margin_column {margin_column!r}: {int(bad.sum())} of {len(p)} "
                          f"{split} pairs have no finite value (e.g. group {p.loc[bad, 'group_id'].iloc[0]}); "
                          "the data has no scores there: set margin_column: null")
-    items = [RewardPair(c, r, float(m)) for c, r, m in zip(chosen["input_ids"], rejected["input_ids"],
-                                                             margins, strict=True)]
+    items = [RewardPair(c, r, float(m), int(cs), int(rs)) for c, r, m, cs, rs in zip(
+        chosen["input_ids"], rejected["input_ids"], margins, chosen["response_start"],
+        rejected["response_start"], strict=True)]
     return items, [max(len(i.chosen_input_ids), len(i.rejected_input_ids)) for i in items]
+
+
+class RewardGroup(NamedTuple):
+    """The K responses of one prompt (prompt + response tokens each) and their scores, as one
+    training item: every pair whose scores differ is a comparison, the higher-scored one preferred
+    (InstructGPT: all K(K−1)/2 comparisons of a prompt in one batch element, each response run
+    once)."""
+
+    input_ids: list[list[int]]
+    response_starts: list[int]
+    scores: list[float]
+    member_weights: tuple[float, ...] = ()  # an ensemble member's bootstrap count of this group
+
+    @classmethod
+    def of_pair(cls, pair: RewardPair) -> RewardGroup:
+        return cls([pair.chosen_input_ids, pair.rejected_input_ids],
+                   [pair.chosen_response_start, pair.rejected_response_start], [1.0, 0.0],
+                   pair.member_weights)
+
+
+def reward_group_items(tokenized: pd.DataFrame, groups: pd.DataFrame, split: str
+                       ) -> tuple[list[RewardGroup], list[int]]:
+    """One ``RewardGroup`` per group of ``split`` with at least one comparison (scored groups
+    whose scores differ; a labelled pair counts its chosen response above its rejected one), and
+    its length (its longest response)."""
+    rows = tokenized[tokenized["split"] == split].sort_values(["group_id", "response_index"])
+    seqs = {gid: part for gid, part in rows.groupby("group_id", sort=False)}
+    items = []
+    for g in groups[groups["split"] == split].itertuples(index=False):
+        if g.group_id not in seqs or len(g.responses) < 2:
+            continue
+        if g.scores is not None and not g.labeled_pair:
+            scores = [float(x) for x in g.scores]
+        elif g.labeled_pair:
+            scores = [1.0, 0.0] + [0.0] * (len(g.responses) - 2)
+        else:
+            continue
+        if max(scores) == min(scores):
+            continue
+        part = seqs[g.group_id]
+        if len(part) != len(scores):
+            raise ValueError(f"group {g.group_id}: {len(scores)} scores but {len(part)} tokenized "
+                             "responses; re-run the data_processing pipeline")
+        items.append(RewardGroup([list(x) for x in part["input_ids"]],
+                                 [int(x) for x in part["response_start"]], scores))
+    return items, [max(len(x) for x in i.input_ids) for i in items]
+
+
+def group_collate(pad_id: int):
+    """``RewardGroup`` (or ``RewardPair``) items -> one batch of whole left-padded rows, each
+    response once, and the comparisons: ``chosen_index`` / ``rejected_index`` (rows) and
+    ``comparison_group`` (the item each comes from)."""
+    def fn(items: Sequence[RewardGroup | RewardPair]) -> dict[str, torch.Tensor]:
+        seqs, starts, chosen, rejected, group = [], [], [], [], []
+        groups = [RewardGroup.of_pair(i) if isinstance(i, RewardPair) else i for i in items]
+        for g, item in enumerate(groups):
+            base = len(seqs)
+            seqs += item.input_ids
+            starts += item.response_starts
+            for a, b in itertools.permutations(range(len(item.scores)), 2):
+                if item.scores[a] > item.scores[b]:
+                    chosen.append(base + a)
+                    rejected.append(base + b)
+                    group.append(g)
+        batch = collate(seqs, starts, pad_id, padding_side="left")
+        batch["chosen_index"], batch["rejected_index"] = torch.tensor(chosen), torch.tensor(rejected)
+        batch["comparison_group"] = torch.tensor(group)
+        if groups[0].member_weights:
+            batch["member_weights"] = torch.tensor([list(i.member_weights) for i in groups])
+        return batch
+    return fn
+
+
+def with_bootstrap(items: list[Any], members: int, seed: int) -> list[Any]:
+    """``items`` (``RewardPair`` or ``RewardGroup``) with each ensemble member's bootstrap count of
+    each: member m draws len(items) items with replacement (a seeded multinomial), so it trains
+    on its own resample."""
+    counts = np.stack([np.random.default_rng([seed, m]).multinomial(len(items), [1 / len(items)] * len(items))
+                       for m in range(members)], axis=1).astype(float)
+    return [i._replace(member_weights=tuple(c)) for i, c in zip(items, counts, strict=True)]
+
+
+def training_pairs(pairs: pd.DataFrame, groups: pd.DataFrame, comparisons: str) -> pd.DataFrame:
+    """The reward model's training comparisons: ``preference_pairs`` as they are (``pairs``), or
+    every ordered pair of each scored group whose scores differ (``all``; labelled pairs kept)."""
+    from rpo_pipeline.preference_groups import groups_to_pairs
+
+    if comparisons == "pairs":
+        return pairs
+    return groups_to_pairs(groups, rejected="all")
+
+
+def training_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, groups: pd.DataFrame,
+                   comparisons: str, margin_column: str | None = None
+                   ) -> tuple[list[RewardPair] | list[RewardGroup], list[int]]:
+    """The reward model's train-split items: ``preference_pairs`` as ``RewardPair`` (``pairs``),
+    or every group with all its comparisons as ``RewardGroup`` (``all``; margins unsupported)."""
+    if comparisons == "pairs":
+        return reward_pair_items(tokenized, pairs, "train", margin_column)
+    if margin_column is not None:
+        raise ValueError(f"reward_model.margin_column = {margin_column!r} needs "
+                         "reward_model.comparisons: pairs (a group's comparisons have no margin column)")
+    return reward_group_items(tokenized, groups, "train")
 
 
 def pair_collate(pad_id: int, share_prefix: bool = SHARE_PREFIX):
@@ -223,21 +410,27 @@ def pair_collate(pad_id: int, share_prefix: bool = SHARE_PREFIX):
     def fn(items: Sequence[RewardPair]) -> dict[str, torch.Tensor]:
         seqs = [i.chosen_input_ids for i in items] + [i.rejected_input_ids for i in items]
         if share_prefix:
-            starts = [common_prefix(i.chosen_input_ids, i.rejected_input_ids) for i in items]
+            # split at the common prefix, and no later than the response (mean pooling reads
+            # every response token's state)
+            starts = [min(common_prefix(i.chosen_input_ids, i.rejected_input_ids),
+                          i.chosen_response_start or len(i.chosen_input_ids)) for i in items]
             batch = shared_prefix_collate(seqs, starts + starts, pad_id)
         else:
-            batch = collate(seqs, [0] * len(seqs), pad_id, padding_side="left")
+            batch = collate(seqs, [i.chosen_response_start for i in items]
+                            + [i.rejected_response_start for i in items], pad_id, padding_side="left")
         batch["margin"] = torch.tensor([float(i.margin) for i in items])
+        if items[0].member_weights:
+            batch["member_weights"] = torch.tensor([list(i.member_weights) for i in items])
         return batch
     return fn
 
 
 @torch.inference_mode()
 def score(model: RewardModel, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-          pad_id: int, batch_size: int = 64, share_prefix: bool = SHARE_PREFIX) -> list[float]:
+          pad_id: int, batch_size: int = 64, share_prefix: bool = SHARE_PREFIX) -> np.ndarray:
     """Rewards of token sequences (prompt + response, the response from ``response_starts``), in
-    input order: the responses of one prompt in one batch, whole left-padded rows or (with
-    ``share_prefix``) the prompt run once.
+    input order, shape (N, members): the responses of one prompt in one batch, whole left-padded
+    rows or (with ``share_prefix``) the prompt run once.
 
     In a process group each rank scores every N-th batch (0.0 elsewhere; see
     ``reference.response_logps``).
@@ -246,14 +439,35 @@ def score(model: RewardModel, sequences: Sequence[Sequence[int]], response_start
 
     model.eval()
     rank, size = world()
-    out = [0.0] * len(sequences)
+    out = np.zeros((len(sequences), model.config.members))
     batches = (scoring_batches(sequences, response_starts, batch_size) if share_prefix else
                length_bucketed_batches([len(s) for s in sequences], batch_size, 0, shuffle=False))
     for idx in batches[rank::size]:
         seqs, starts = [sequences[i] for i in idx], [response_starts[i] for i in idx]
         b = (shared_prefix_collate(seqs, starts, pad_id) if share_prefix
-             else collate(seqs, [0] * len(seqs), pad_id, padding_side="left"))
+             else collate(seqs, starts, pad_id, padding_side="left"))
         rewards = model(to_device(b, model.head.weight.device))
-        for i, r in zip(idx, rewards.tolist(), strict=True):
-            out[i] = r
+        out[idx] = rewards.reshape(len(idx), -1).double().cpu().numpy()
     return out
+
+
+AGGREGATES = ("mean", "min", "mean_minus_std")
+
+
+def ensemble_reward(members: np.ndarray, aggregate: str = "mean", penalty: float = 0.0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The reward a policy trains on, and the members' spread, from (N, M) member rewards.
+
+    ``mean``: r̄ = (1/M) Σ_m r_m; ``min``: min_m r_m (worst-case optimisation); ``mean_minus_std``:
+    r̄ − λ·σ, σ the members' standard deviation (uncertainty-weighted optimisation; Coste et al.,
+    arXiv 2310.02743). One member: r itself, σ = 0.
+    """
+    members = np.asarray(members, dtype=float).reshape(len(members), -1)
+    mean, std = members.mean(1), members.std(1)
+    if aggregate == "mean":
+        return mean, std
+    if aggregate == "min":
+        return members.min(1), std
+    if aggregate == "mean_minus_std":
+        return mean - penalty * std, std
+    raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")

@@ -59,6 +59,7 @@ class TrainResult:
     seconds: float = 0.0
     items_per_second: float = 0.0
     precision: str = "fp32"  # what ran: fp32, or bf16 / fp16 autocast
+    snapshots: dict[int, Any] = field(default_factory=dict)  # step -> what ``snapshot_fn`` returned
 
 
 def resolve_device(name: str) -> torch.device:
@@ -240,8 +241,9 @@ def deterministic_kernels(device: torch.device):
 
 def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
           collate: Callable[[list[Any]], Batch], loss_fn: LossFn, cfg: TrainConfig,
-          desc: str = "train", eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None
-          ) -> TrainResult:
+          desc: str = "train", eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+          snapshot_steps: Sequence[int] = (),
+          snapshot_fn: Callable[[torch.nn.Module], Any] | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps; return the logged history.
 
     Runs on ``accelerate.Accelerator``; inside a ``torch.distributed`` process group of N ranks
@@ -250,17 +252,22 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     on its ``shard`` (so the steps do not depend on N). Logged metrics are means over the global
     batch; ``items_per_second`` counts the items of all ranks. ``eval_fn(model) -> metrics`` runs
     every ``cfg.eval_every`` steps and at the end on every rank (see ``evaluate``); its metrics are
-    logged with an ``eval_`` prefix. A non-finite loss or gradient norm stops training
+    logged with an ``eval_`` prefix. After each of ``snapshot_steps`` (on rank 0)
+    ``result.snapshots[step] = snapshot_fn(model)``: the intermediate policies of the
+    over-optimisation curves. A non-finite loss or gradient norm stops training
     (``FloatingPointError``) before the optimizer step, so the weights and the last checkpoint
     stay the last good state.
     """
     with deterministic_kernels(resolve_device(cfg.device)):
-        return _train(model, items, lengths, collate, loss_fn, cfg, desc, eval_fn)
+        return _train(model, items, lengths, collate, loss_fn, cfg, desc, eval_fn,
+                      snapshot_steps, snapshot_fn)
 
 
 def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
            collate: Callable[[list[Any]], Batch], loss_fn: LossFn, cfg: TrainConfig,
-           desc: str, eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None) -> TrainResult:
+           desc: str, eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None,
+           snapshot_steps: Sequence[int] = (),
+           snapshot_fn: Callable[[torch.nn.Module], Any] | None = None) -> TrainResult:
     """``train``'s loop."""
     rank, size = world()
     accelerator = make_accelerator(cfg)
@@ -345,6 +352,8 @@ def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
         if last is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0
                                                           or step == cfg.steps):
             save_checkpoint(accelerator, cfg.checkpoint_dir, step, result)
+        if snapshot_fn is not None and step in snapshot_steps and rank == 0:
+            result.snapshots[step] = snapshot_fn(accelerator.unwrap_model(wrapped))
         bar.update(1)
 
     bar.close()

@@ -17,7 +17,7 @@ from rpo_pipeline.datasets.preference_file import (
     read_preference_files,
     write_jsonl,
 )
-from rpo_pipeline.datasets.pretrained import PretrainedDirDataset, PretrainedHandle
+from rpo_pipeline.datasets.pretrained import PretrainedDirDataset, PretrainedDirsDataset, PretrainedHandle
 from rpo_pipeline.datasets.report import ReportTableDataset
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "FingerprintedParquetDataset",
     "PreferenceFileDataset",
     "PretrainedDirDataset",
+    "PretrainedDirsDataset",
     "PretrainedHandle",
     "ReportTableDataset",
     "StoredFingerprintDataset",

@@ -108,3 +108,55 @@ def _log_dir_to_active_mlflow_run(path: Path, artifact_path: str) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.log_artifacts(str(path), artifact_path)
+
+
+class PretrainedDirsDataset(AbstractDataset[dict[str, Any], dict[str, PretrainedHandle]]):
+    """Several ``save_pretrained`` directories under one folder, by name (e.g. a policy's
+    intermediate checkpoints by step: ``<filepath>/<name>``).
+
+    ``save`` takes a dict of objects with ``save_pretrained`` and replaces the folder atomically
+    (all of them or the previous set, never a mix); ``load`` returns a dict of
+    ``PretrainedHandle`` by name, in natural order (numbers as numbers). An empty dict saves an
+    empty folder.
+
+    Example (YAML)::
+
+        dpo.curve_policies:
+          type: rpo_pipeline.datasets.PretrainedDirsDataset
+          filepath: data/06_models/curve_policies/dpo
+
+    Example (Python)::
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> ds = PretrainedDirsDataset(filepath=str(tmp_path / "steps"))
+        >>> lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16))
+        >>> ds.save({"10": lm, "5": lm})
+        >>> list(ds.load())
+        ['5', '10']
+    """
+
+    def __init__(self, *, filepath: str, load_class: str = "transformers.AutoModelForCausalLM",
+                 load_args: dict[str, Any] | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        self._path = Path(local_path(filepath, type(self).__name__))
+        self._load_class = load_class
+        self._load_args = dict(load_args or {})
+        self.metadata = metadata
+
+    def load(self) -> dict[str, PretrainedHandle]:
+        if not self._path.is_dir():
+            raise DatasetError(f"{self._path}: no saved models here; run the stage that makes them")
+        names = sorted((d.name for d in self._path.iterdir() if d.is_dir()),
+                       key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+        return {n: PretrainedHandle(self._path / n, self._load_class, self._load_args) for n in names}
+
+    def save(self, data: dict[str, Any]) -> None:
+        with atomic_dir(self._path) as tmp:
+            for name, obj in data.items():
+                obj.save_pretrained(str(tmp / str(name)))
+
+    def _exists(self) -> bool:
+        return self._path.is_dir()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._path), "load_class": self._load_class}

@@ -17,6 +17,7 @@ from rpo_pipeline import reporting
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.evaluation import (
     eval_prompts,
+    gold_at_matched_kl,
     make_gold_judge,
     policy_metrics,
     preference_accuracy,
@@ -26,6 +27,7 @@ from rpo_pipeline.mlflow_models import POLICY, ModelBundle, text_format
 from rpo_pipeline.params import DataProcessingParams, EvaluationParams
 from rpo_pipeline.policy import pair_sides
 from rpo_pipeline.precision import resolve_precision
+from rpo_pipeline.reward_model import ensemble_reward
 from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, scalars
 from rpo_pipeline.training import resolve_device
 
@@ -106,10 +108,11 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
     table["gold"] = judge(table["completion"].tolist()) if judge is not None else np.nan
 
     seqs = [list(p) + c for p, c in zip(table["prompt_ids"], comp, strict=True)]
-    table["rm"] = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
+    members = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
         "sequences": seqs, "response_starts": table["prompt_ids"].map(len).tolist(), "pad_id": pad,
         "batch_size": p.batch_size}, precision=p.precision), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
+    table["rm"], table["rm_std"] = ensemble_reward(members)  # the members' mean and spread
 
     table["ref_logp"] = table["logp"]
     others = (table["policy"] != REFERENCE).to_numpy()
@@ -153,6 +156,78 @@ def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle
     return out
 
 
+def score_curves(reference_model: PretrainedHandle, reward_model: PretrainedHandle,
+                 tokenizer: PretrainedHandle, tokenized_prompts: pd.DataFrame,
+                 params: dict[str, Any], **points: Any) -> tuple[pd.DataFrame, MetricsPayload]:
+    """Over-optimisation curves (Gao et al., arXiv 2210.10760): gold, reward-model score and KL
+    to the reference of each method's policies along training, on ``curve.prompts`` val prompts.
+
+    ``points`` holds, per method, ``<method>__steps`` (its ``train.steps``) and
+    ``<method>__curve`` (the intermediate policies by step, a ``PretrainedDirsDataset``) and
+    ``<method>__final`` (the trained policy), or ``rpo_online__round_<r>`` (round r's policy, at
+    r × its steps per round). The
+    reference is every method's step 0. All samples share prompts and seeds (``evaluation.sampling``)
+    and are scored together. Returns the table (method, step, gold, rm, kl, sqrt_kl, samples) and
+    each method's gold at the KL every method reaches (``curve.<method>.gold_at_matched_kl``).
+    """
+    t0 = time.perf_counter()
+    p = EvaluationParams.parse(params)
+    tok = tokenizer.load()
+    prompts = eval_prompts(tokenized_prompts, "val", p.curve.prompts)["prompt_ids"].tolist()
+    steps = {k.partition("__")[0]: int(v) for k, v in points.items() if k.endswith("__steps")}
+    policies: dict[tuple[str, int], PretrainedHandle] = {}
+    for key, value in points.items():
+        method, _, what = key.partition("__")
+        if what == "steps":
+            continue
+        if what == "curve":
+            policies |= {(method, int(step)): h for step, h in value.items()}
+        elif what == "final":
+            policies[(method, steps[method])] = value
+        else:  # round_<r>
+            policies[(method, int(what.split("_")[1]) * steps[method])] = value
+    runs = {("reference", 0): reference_model} | dict(sorted(policies.items()))
+    rows = []
+    for (method, step), handle in runs.items():
+        job = InferenceJob("generate", str(handle.path), p.device, {
+            "prompts": prompts, "cfg": p.sampling, "eos_id": tok.eos_token_id,
+            "pad_id": tok.pad_token_id, "greedy": False, "progress": False,
+            "desc": f"curve {method} {step}"}, precision=p.precision)
+        completions, logps = infer(job, p.num_processes, p.backend, handle.load)
+        for prompt, comps, lps in zip(prompts, completions, logps, strict=True):
+            rows += [(method, step, prompt, c, lp) for c, lp in zip(comps, lps, strict=True)]
+    table = pd.DataFrame(rows, columns=["method", "step", "prompt_ids", "completion_ids", "logp"])
+    comp = table["completion_ids"].map(list).tolist()
+    prompt_ids = table["prompt_ids"].map(list).tolist()
+    judge = make_gold_judge(p.gold_judge, p.gold_judge_args)
+    texts = [t.strip() for t in tok.batch_decode(comp, skip_special_tokens=True)]
+    table["gold"] = judge(texts) if judge is not None else np.nan
+    members = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
+        "sequences": [a + b for a, b in zip(prompt_ids, comp, strict=True)],
+        "response_starts": [len(a) for a in prompt_ids], "pad_id": tok.pad_token_id,
+        "batch_size": p.batch_size}, precision=p.precision), p.num_processes, p.backend,
+        lambda: reward_model.load(device=p.device))
+    table["rm"] = ensemble_reward(members)[0]
+    table["kl"] = table["logp"] - _completion_logps(reference_model, prompt_ids, comp,
+                                                    tok.pad_token_id, p)
+    table.loc[table["method"] == "reference", "kl"] = 0.0  # its own log-probs: exactly 0
+    curves = (table.groupby(["method", "step"], sort=False)
+              .agg(gold=("gold", "mean"), rm=("rm", "mean"), kl=("kl", "mean"),
+                   samples=("gold", "size")).reset_index())
+    reference = curves[curves["method"] == "reference"]
+    curves = pd.concat([reference.assign(method=m) for m in steps]
+                       + [curves[curves["method"] != "reference"]], ignore_index=True)
+    curves = curves.sort_values(["method", "step"], kind="stable").reset_index(drop=True)
+    curves["sqrt_kl"] = np.sqrt(curves["kl"].clip(lower=0))
+    payload: dict[str, float] = {}
+    if judge is not None:
+        kl, gold = gold_at_matched_kl(curves)
+        payload = {"curve.matched_kl": kl} | {f"curve.{m}.gold_at_matched_kl": g for m, g in gold.items()}
+    log.info("over-optimisation curves: %d points x %d samples in %.1f s", len(runs),
+             len(prompts) * p.sampling.n_samples, time.perf_counter() - t0)
+    return curves[["method", "step", "gold", "rm", "kl", "sqrt_kl", "samples"]], scalars(payload)
+
+
 def summarize_evaluation(samples: pd.DataFrame, accuracy: dict[str, float], params: dict[str, Any]
                          ) -> tuple[pd.DataFrame, pd.DataFrame, MetricsPayload]:
     """Per-policy metrics (``evaluation.<policy>.<metric>`` in MLflow) and the samples table."""
@@ -182,6 +257,11 @@ def report_evaluation(metrics: pd.DataFrame, samples: pd.DataFrame, params: dict
     return (reporting.training_curves(training_histories), reporting.reward_vs_kl(samples, metrics),
             reporting.win_rates(metrics),
             reporting.markdown_summary(metrics, samples, EvaluationParams.parse(params)))
+
+
+def report_curves(curves: pd.DataFrame) -> Any:
+    """The over-optimisation plot (``reporting.overoptimization``)."""
+    return reporting.overoptimization(curves)
 
 
 def package_policy(policy: PretrainedHandle, tokenizer: PretrainedHandle, metrics: pd.DataFrame,

@@ -18,6 +18,7 @@ from rpo_pipeline.evaluation import eval_prompts, make_gold_judge
 from rpo_pipeline.jobs import InferenceJob, infer
 from rpo_pipeline.online import scored_groups
 from rpo_pipeline.params import EvaluationParams, GeneratePreferencesParams
+from rpo_pipeline.reward_model import ensemble_reward
 from rpo_pipeline.tracking import MetricsPayload, scalars
 
 log = logging.getLogger(__name__)
@@ -85,4 +86,4 @@ def judge_with_reward_model(samples: pd.DataFrame, groups: pd.DataFrame,
         "pad_id": tokenizer.load().pad_token_id, "batch_size": p.sampling.batch_size},
         precision=p.precision), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
-    return _write(groups, samples, np.asarray(scores, dtype=float), "reward_model")
+    return _write(groups, samples, ensemble_reward(scores)[0], "reward_model")

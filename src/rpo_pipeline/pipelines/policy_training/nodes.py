@@ -17,18 +17,25 @@ import pandas as pd
 from transformers import AutoModelForCausalLM
 
 from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.evaluation import curve_steps
 from rpo_pipeline.jobs import PolicyJob, Split, fit
-from rpo_pipeline.params import DpoParams, PolicyParams, RpoParams
+from rpo_pipeline.params import DpoParams, EvaluationParams, PolicyParams, RpoParams
 from rpo_pipeline.policy import group_items, preference_items, reward_targets
 from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories, scalars
 
 log = logging.getLogger(__name__)
+TrainOutputs = tuple[Any, dict[str, Any], MetricsPayload, MetricsPayload]
+
+
+def _curve_steps(p: PolicyParams, evaluation_params: dict[str, Any]) -> list[int]:
+    return curve_steps(p.train.steps, EvaluationParams.parse(evaluation_params).curve.points)
 
 
 def run_policy_job(start: PretrainedHandle, job: PolicyJob, p: PolicyParams
-                   ) -> tuple[Any, MetricsPayload, MetricsPayload]:
-    """Train from ``start`` (here or on N workers): the model, its training history (metrics with
-    TRL names, ``eval_`` at eval steps; ``<method>.training_history``) and the metrics to log."""
+                   ) -> tuple[Any, dict[str, Any], MetricsPayload, MetricsPayload]:
+    """Train from ``start`` (here or on N workers): the model, its intermediate copies at
+    ``job.snapshot_steps`` (by step, as text), its training history (metrics with TRL names,
+    ``eval_`` at eval steps; ``<method>.training_history``) and the metrics to log."""
     t = p.train
     model, result, _ = fit("policy", job, t.num_processes, t.backend, p.device, start.load,
                            AutoModelForCausalLM.from_pretrained)
@@ -41,25 +48,29 @@ def run_policy_job(start: PretrainedHandle, job: PolicyJob, p: PolicyParams
              job.method, t.steps, t.num_processes, result.seconds, result.items_per_second,
              eval_part.get("eval_rewards/accuracies", [float("nan")])[-1])
     history = histories(train_part, result.log_steps) | histories(eval_part, eval_steps)
-    return model, history, history | scalars({"world_size": t.num_processes,
-                                              "precision_bits": PRECISION_BITS[result.precision]})
+    snapshots = {str(step): m for step, m in sorted(result.snapshots.items())}
+    return model, snapshots, history, history | scalars({
+        "world_size": t.num_processes, "precision_bits": PRECISION_BITS[result.precision]})
 
 
 def train_dpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
                      tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd.DataFrame,
-                     params: dict[str, Any]) -> tuple[Any, MetricsPayload, MetricsPayload]:
-    """DPO family: train on (chosen, rejected) pairs with the configured loss."""
+                     params: dict[str, Any], evaluation_params: dict[str, Any]) -> TrainOutputs:
+    """DPO family: train on (chosen, rejected) pairs with the configured loss. Keeps
+    ``evaluation.curve.points`` − 1 intermediate policies, evenly spaced in steps, for the
+    over-optimisation curves (the last point is the policy itself)."""
     p = DpoParams.parse(params)
     job = PolicyJob("dpo", str(sft_model.path), tokenizer.load().pad_token_id, p.model_dump(),
                     Split(*preference_items(tokenized, pairs, reference, "train")),
-                    Split(*preference_items(tokenized, pairs, reference, "val")))
+                    Split(*preference_items(tokenized, pairs, reference, "val")),
+                    snapshot_steps=_curve_steps(p, evaluation_params))
     return run_policy_job(sft_model, job, p)
 
 
 def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
                      tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd.DataFrame,
                      groups: pd.DataFrame, reward_scores: pd.DataFrame, reward_stats: dict,
-                     params: dict[str, Any]) -> tuple[Any, MetricsPayload, MetricsPayload]:
+                     params: dict[str, Any], evaluation_params: dict[str, Any]) -> TrainOutputs:
     """RPO: match the policy's implicit reward margins to the reward model's over K responses.
 
     Evaluation reports the RPO loss and target metrics on val groups, and ``rewards/*`` on the val
@@ -71,12 +82,13 @@ def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
     job = PolicyJob("rpo", str(sft_model.path), tokenizer.load().pad_token_id, p.model_dump(),
                     Split(*group_items(tokenized, reference, targets, "train")),
                     Split(*group_items(tokenized, reference, targets, "val")),
-                    Split(*preference_items(tokenized, pairs, reference, "val")))
+                    Split(*preference_items(tokenized, pairs, reference, "val")),
+                    snapshot_steps=_curve_steps(p, evaluation_params))
     return run_policy_job(sft_model, job, p)
 
 
 # What each method's node reads besides the shared inputs (its parameters are ``params:<method>``).
-TRAINERS: dict[str, tuple[Callable[..., tuple[Any, MetricsPayload, MetricsPayload]], list[str]]] = {
+TRAINERS: dict[str, tuple[Callable[..., TrainOutputs], list[str]]] = {
     "dpo": (train_dpo_policy, []),
     "rpo": (train_rpo_policy, ["preference_groups", "reward_scores", "reward_stats"]),
 }

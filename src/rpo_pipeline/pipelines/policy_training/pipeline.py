@@ -9,15 +9,17 @@ SHARED = ["sft_model", "tokenizer", "tokenized_examples", "preference_pairs", "r
 
 
 def create_pipeline(method: str = "dpo", **kwargs) -> Pipeline:
-    """``<method>.policy_model``, ``<method>.training_history`` and ``<method>.train_metrics``
-    from params ``<method>``, by the method's node (``nodes.TRAINERS``)."""
+    """``<method>.policy_model``, ``<method>.curve_policies`` (intermediate policies),
+    ``<method>.training_history`` and ``<method>.train_metrics`` from params ``<method>``, by the
+    method's node (``nodes.TRAINERS``)."""
     if method not in TRAINERS:
         raise ValueError(f"policy_training: unknown method {method!r}; known: {', '.join(TRAINERS)}")
     train, extra = TRAINERS[method]
     inputs = [*SHARED, *extra]
     template = Pipeline([
-        Node(train, inputs=[*inputs, "params:policy"],
-             outputs=["policy_model", "training_history", "train_metrics"], name="train_policy"),
+        Node(train, inputs=[*inputs, "params:policy", "params:evaluation"],
+             outputs=["policy_model", "curve_policies", "training_history", "train_metrics"],
+             name="train_policy"),
     ])
     return Pipeline(template, namespace=method, inputs=set(inputs),
-                    parameters={"params:policy": f"params:{method}"})
+                    parameters={"params:policy": f"params:{method}", "params:evaluation": "params:evaluation"})

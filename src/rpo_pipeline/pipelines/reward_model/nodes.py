@@ -19,9 +19,13 @@ from rpo_pipeline.reward_model import (
     CONFIG_FILE,
     RewardModel,
     RewardModelConfig,
+    ensemble_reward,
     load_backbone,
     reward_pair_items,
+    training_items,
+    training_pairs,
     weight_bytes,
+    with_bootstrap,
 )
 from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories, scalars
 from rpo_pipeline.training import resolve_device
@@ -37,7 +41,7 @@ def _backbone_path(choice: str, sft: PretrainedHandle, base: PretrainedHandle) -
 
 def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle,
                        tokenizer: PretrainedHandle, tokenized: pd.DataFrame, pairs: pd.DataFrame,
-                       stored_fingerprint: str | None, params: dict[str, Any]
+                       groups: pd.DataFrame, stored_fingerprint: str | None, params: dict[str, Any]
                        ) -> tuple[Fingerprinted | CacheHit, Fingerprinted | CacheHit, MetricsPayload]:
     """Bradley–Terry training of LoRA + head on the 4-bit backbone; val/test pair accuracy.
 
@@ -49,18 +53,23 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
     stage = CachedStage("reward model", seconds_key="seconds")
     p = RewardModelParams.parse(params)
     backbone = _backbone_path(p.backbone, sft_model, base_model)
-    items, lengths = reward_pair_items(tokenized, pairs, "train", p.margin_column)
+    items, lengths = training_items(tokenized, pairs, groups, p.comparisons, p.margin_column)
+    train_pairs = training_pairs(pairs, groups, p.comparisons)
     train_rows = tokenized.loc[tokenized["split"] == "train", ["group_id", "response_index", "input_ids"]]
     fp = fingerprint("reward_model", RM_VERSION, Path(backbone), Path(tokenizer.path),
-                     pairs[pairs["split"] == "train"], train_rows,
-                     result_params(p.model_dump(exclude={"score"})),
+                     train_pairs[train_pairs["split"] == "train"], train_rows,
+                     result_params(p.model_dump(exclude={"score": True,
+                                                         "ensemble": {"aggregate", "penalty"}})),
                      resolve_precision(p.train.precision, resolve_device(p.device)))
     if (hit := stage.reuse(fp, stored_fingerprint)) is not None:
         cache_hit, metrics = hit
         return cache_hit, cache_hit, metrics  # the model and its history are one cache entry
 
+    if p.ensemble.members > 1 and p.ensemble.bootstrap:
+        items = with_bootstrap(items, p.ensemble.members, p.train.seed)
     config = RewardModelConfig(backbone_path=backbone, load_in_4bit=p.load_in_4bit,
                                compute_dtype=p.compute_dtype, head_input=p.head_input,
+                               pooling=p.pooling, members=p.ensemble.members,
                                lora_r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
                                target_modules=p.lora.target_modules)
     evals = {split: Split(*reward_pair_items(tokenized, pairs, split, p.margin_column))
@@ -72,6 +81,7 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
                             lambda: RewardModel.for_training(config, seed=t.seed, device=p.device),
                             RewardModel.from_pretrained)
     metrics: dict[str, float] = {"pairs_per_second": result.items_per_second,
+                                 "train_pairs": len(items),
                                  **ev, "world_size": t.num_processes,
                                  "precision_bits": PRECISION_BITS[result.precision]}
     head = weight_bytes(model.head)
@@ -94,22 +104,27 @@ def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer:
                                       tokenized: pd.DataFrame, stored_fingerprint: str | None,
                                       params: dict[str, Any]
                                       ) -> tuple[Fingerprinted | CacheHit, MetricsPayload]:
-    """Reward of every train/val response (a fresh 4-bit copy, no grad), cached by fingerprint."""
+    """Reward of every train/val response (a fresh 4-bit copy, no grad), cached by fingerprint.
+
+    ``reward`` is what rpo trains on (``ensemble.aggregate`` of the members' rewards),
+    ``reward_std`` the members' spread (0 for one model)."""
     stage = CachedStage("reward score", hit_key="score_cache_hit", seconds_key="score_seconds")
     p = RewardModelParams.parse(params)
     rows = tokenized[tokenized["split"].isin(["train", "val"])].reset_index(drop=True)
     precision = resolve_precision(p.score.precision, resolve_device(p.device))
     fp = fingerprint("reward_scores", RM_VERSION, reward_model.content_hash(),
-                     rows[["group_id", "response_index", "input_ids"]], precision)
+                     rows[["group_id", "response_index", "input_ids"]], precision,
+                     p.ensemble.aggregate, p.ensemble.penalty)
     if (hit := stage.reuse(fp, stored_fingerprint)) is not None:
         return hit
     job = InferenceJob("rewards", str(reward_model.path), p.device, {
         "sequences": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
         "pad_id": tokenizer.load().pad_token_id, "batch_size": p.score.batch_size},
         precision=precision)
-    rewards = infer(job, p.score.num_processes, p.score.backend,
+    members = infer(job, p.score.num_processes, p.score.backend,
                     lambda: reward_model.load(device=p.device))
-    table = rows[["group_id", "response_index", "split"]].assign(reward=rewards)
+    reward, std = ensemble_reward(members, p.ensemble.aggregate, p.ensemble.penalty)
+    table = rows[["group_id", "response_index", "split"]].assign(reward=reward, reward_std=std)
     seconds = stage.seconds()
     log.info("reward scores: %d responses in %.1f s", len(table), seconds)
     return Fingerprinted(table, fp), stage.computed({

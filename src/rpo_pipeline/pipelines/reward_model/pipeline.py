@@ -16,7 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 train_reward_model,
                 inputs=["sft_model", "base_model", "tokenizer", "tokenized_examples",
-                        "preference_pairs", "reward_model_stored_fingerprint",
+                        "preference_pairs", "preference_groups", "reward_model_stored_fingerprint",
                         "params:reward_model"],
                 outputs=["reward_model", "reward_model.training_history",
                          "reward_model_train_metrics"],
