@@ -20,7 +20,7 @@ import logging
 import pickle
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +172,21 @@ def fit_reward_model(job: RewardModelJob, model: torch.nn.Module | None = None
         train_collate, train_loss = group_collate(job.pad_id), reward_group_loss_fn(p.center_coef)
     else:
         train_collate, train_loss = collate, loss_fn
-    result = train(model, job.train.items, job.train.lengths, train_collate, train_loss, cfg,
-                   desc="reward_model")
+    members = model.config.members
+    if members == 1:
+        result = train(model, job.train.items, job.train.lengths, train_collate, train_loss, cfg,
+                       desc="reward_model")
+    else:  # one member after another, each on its bootstrap resample with its seed
+        for m in range(members):
+            model.select_member(m)
+            mine = [(i._replace(member_weights=()), n) for i, n in zip(job.train.items, job.train.lengths,
+                                                                        strict=True)
+                    for _ in range(int(i.member_weights[m]) if i.member_weights else 1)]
+            part = train(model, [i for i, _ in mine], [n for _, n in mine], train_collate, train_loss,
+                         cfg.model_copy(update={"seed": cfg.seed + m}), desc=f"reward_model member {m}")
+            result = part if m == 0 else replace(result, seconds=result.seconds + part.seconds)
+        model.select_member(None)
+        result.items_per_second = cfg.steps * cfg.batch_size * members / max(result.seconds, 1e-9)
     metrics: dict[str, float] = {}
     for split, data in job.evals.items():
         if data.items:

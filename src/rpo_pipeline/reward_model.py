@@ -114,6 +114,18 @@ class RewardModel(torch.nn.Module):
         if head is None:
             torch.nn.init.normal_(self.head.weight, std=1.0 / (width + 1) ** 0.5)
             torch.nn.init.zeros_(self.head.bias)
+        self.member: int | None = None  # one ensemble member alone (``select_member``)
+
+    def select_member(self, member: int | None) -> None:
+        """Make ``forward`` return member ``member``'s rewards (N,) through its adapter alone, the
+        other members' adapters frozen: how an ensemble trains, one member after another; None:
+        every member again."""
+        self.member = member
+        if member is not None:
+            self.backbone.base_model.set_adapter(member_adapters(self.config.members)[member])
+        else:
+            self.backbone.base_model.set_adapter("default")
+            _all_adapters_trainable(self.backbone, self.config.members)
 
     @classmethod
     def for_training(cls, config: RewardModelConfig, seed: int = 0, device: str = "cpu"
@@ -158,6 +170,8 @@ class RewardModel(torch.nn.Module):
         adapter and head row m."""
         if self.config.members == 1:
             return self._rewards(batch)
+        if self.member is not None:
+            return self._rewards(batch, self.member)
         out = []
         for m, name in enumerate([*member_adapters(self.config.members)[1:], "default"]):
             self.backbone.base_model.set_adapter(name)

@@ -31,7 +31,7 @@ from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories, sca
 from rpo_pipeline.training import resolve_device
 
 log = logging.getLogger(__name__)
-RM_VERSION = 1
+RM_VERSION = 2  # 2: ensemble members train one after another
 
 
 def _backbone_path(choice: str, sft: PretrainedHandle, base: PretrainedHandle) -> str:
