@@ -123,9 +123,8 @@ def _targets(labelled: pd.DataFrame, p: RpoOnlineParams, reward_stats: dict, jud
              groups: pd.DataFrame) -> pd.DataFrame:
     if p.judge == "gold":
         stats = _gold_stats(judge, groups) if p.reward_normalization == "zscore" else None
-        return reward_targets(labelled.drop(columns="reward").rename(columns={"gold": "reward"}),
-                              labelled.drop(columns="reward").rename(columns={"gold": "reward"}),
-                              stats, "reward_model", p.reward_normalization)
+        by_gold = labelled.drop(columns="reward").rename(columns={"gold": "reward"})
+        return reward_targets(by_gold, by_gold, stats, "reward_model", p.reward_normalization)
     return reward_targets(labelled, labelled, reward_stats, "reward_model", p.reward_normalization)
 
 
