@@ -45,6 +45,7 @@ ROWS: dict[str, dict[str, object]] = {
     # the KL budget: a smaller step size
     "none_lr6e-4": {"rpo_online.train.lr": 6.0e-4},
     "gold_judge_lr6e-4": {"rpo_online.judge": "gold", "rpo_online.train.lr": 6.0e-4},
+    "ensemble_lr6e-4": ENSEMBLE | {"rpo_online.train.lr": 6.0e-4},
 }
 
 

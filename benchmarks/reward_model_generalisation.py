@@ -3,6 +3,7 @@ against a bag-of-words Bradley–Terry baseline, chosen on the val split.
 
     .venv/bin/python benchmarks/reward_model_generalisation.py [--env base] [--split val]
         [--policies sft_model rpo_online.policy_model] [--variants last mean mean_all ...]
+        [--project DIR --generated --tag _imdb]
 
 Needs a finished run of the env (its catalog: tokenized examples, pairs, groups, the SFT model and
 the policies named). For each policy it samples ``--n-samples`` completions per prompt of
@@ -70,6 +71,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # one backbone trained together (reward_model.ensemble.members)
     "groups_bs8_200_adapters3": GROUPS | {"train.steps": 200, "ensemble.members": 3, "separate": True},
     "groups_bs8_150_ensemble3": GROUPS | {"train.steps": 150, "ensemble.members": 3},
+    # --env=imdb (longer texts, a weaker backbone): more steps, a larger step size, more capacity
+    "groups_bs8_500": GROUPS | {"train.steps": 500},
+    "groups_bs8_500_lr1e-2": GROUPS | {"train.steps": 500, "train.lr": 1.0e-2},
+    "groups_bs8_500_r64_all_linear": GROUPS | {"train.steps": 500, "lora.r": 64, "lora.alpha": 128,
+                                               "lora.target_modules": "all-linear"},
+    "groups_bs8_500_fp32": GROUPS | {"train.steps": 500, "load_in_4bit": False},
+    "mean_pairs_500": {"pooling": "mean", "train.steps": 500, "train.lr": 3.0e-3},
+    "groups_bs8_1000": GROUPS | {"train.steps": 1000},
+    # the head on the mean of the vocabulary logits: close to a bag of the (next) words
+    "groups_bs8_150_logits": GROUPS | {"train.steps": 150, "head_input": "logits"},
+    "groups_bs8_500_logits": GROUPS | {"train.steps": 500, "head_input": "logits"},
+    # a full fine-tune of the (tiny) backbone in full precision instead of LoRA on the 4-bit one
+    "groups_bs8_300_full_lr3e-4": GROUPS | {"train.steps": 300, "train.lr": 3.0e-4, "load_in_4bit": False,
+                                            "finetune": "full"},
+    "groups_bs8_300_full_lr1e-3": GROUPS | {"train.steps": 300, "train.lr": 1.0e-3, "load_in_4bit": False,
+                                            "finetune": "full"},
+    "groups_bs8_300_full_lr3e-3": GROUPS | {"train.steps": 300, "train.lr": 3.0e-3, "load_in_4bit": False,
+                                            "finetune": "full"},
+    "groups_bs8_600_full_lr1e-3": GROUPS | {"train.steps": 600, "train.lr": 1.0e-3, "load_in_4bit": False,
+                                            "finetune": "full"},
+    # LoRA on the token embeddings too: a per-token update, what a bag of words learns
+    "groups_bs8_500_wte": GROUPS | {"train.steps": 500,
+                                    "lora.target_modules": ["c_attn", "c_proj", "c_fc", "wte"]},
 }
 
 
@@ -135,6 +159,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--n-samples", type=int, default=4)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--project", type=Path, default=ROOT,
+                    help="the project whose finished run is read (e.g. a copy that ran --env=imdb)")
+    ap.add_argument("--generated", action="store_true",
+                    help="a --pipelines=generated run: train and evaluate on its generated preferences")
     args = ap.parse_args()
     os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
     torch.set_num_threads(torch.get_num_threads())
@@ -155,13 +183,18 @@ def main() -> None:
         with_bootstrap,
     )
 
-    bootstrap_project(ROOT)
-    with KedroSession.create(project_path=ROOT, env=args.env) as session:
+    bootstrap_project(args.project)
+    with KedroSession.create(project_path=args.project, env=args.env) as session:
         ctx = session.load_context()
         cat = ctx.catalog
         params = ctx.params["reward_model"]
-        tokenized, pairs = cat.load("tokenized_examples"), cat.load("preference_pairs")
-        groups, prompts = cat.load("preference_groups"), cat.load("tokenized_prompts")
+        if args.generated:  # --pipelines=generated: π_SFT's judged samples are the data
+            tokenized, pairs = cat.load("generated.tokenized_examples"), cat.load("generated.preference_pairs")
+            groups = cat.load("generated_preferences")
+        else:
+            tokenized, pairs = cat.load("tokenized_examples"), cat.load("preference_pairs")
+            groups = cat.load("preference_groups")
+        prompts = cat.load("tokenized_prompts")
         tok_handle, sft = cat.load("tokenizer"), cat.load("sft_model")
         handles = {name: cat.load(name) for name in args.policies}
     tok = tok_handle.load()
@@ -194,6 +227,7 @@ def main() -> None:
         config = RewardModelConfig(backbone_path=str(sft.path), load_in_4bit=p.load_in_4bit,
                                    compute_dtype=p.compute_dtype, head_input=p.head_input,
                                    pooling=p.pooling, members=1 if separate else members,
+                                   finetune=p.finetune,
                                    lora_r=p.lora.r, lora_alpha=p.lora.alpha,
                                    lora_dropout=p.lora.dropout, target_modules=p.lora.target_modules)
         if over.get("expand_pairs"):

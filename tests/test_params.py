@@ -177,6 +177,12 @@ RULES = [
     ({"dpo.train.checkpoint_dir": None}, "dpo.train.checkpoint_every is 40 but checkpoint_dir is null"),
     ({"rpo.train.checkpoint_dir": None, "rpo.train.checkpoint_every": 0, "rpo.train.resume": True},
      "rpo.train.resume is true but checkpoint_dir is null"),
+    ({"reference.sft.patience": 3}, "reference.sft.patience is 3 but eval_every is 0"),
+    ({"reward_model.finetune": "full"}, "reward_model.finetune = 'full' trains every backbone weight, "
+                                        "which a 4-bit backbone cannot"),
+    ({"reward_model.finetune": "full", "reward_model.load_in_4bit": False,
+      "reward_model.ensemble.members": 2}, "reward_model.finetune = 'full' trains one backbone, but "
+                                           "ensemble.members is 2"),
     # the builtin model's sizes
     ({"base_model.model.n_head": 5}, "base_model.model.n_embd = 192 is not divisible by n_head = 5"),
     ({"base_model.tokenizer.vocab_size": 100}, "base_model.tokenizer.vocab_size = 100: must be greater than or"),

@@ -73,11 +73,13 @@ def test_lora_targets_per_architecture_and_a_clear_error(checkpoints):
     llama, _ = load_pretrained(str(checkpoints["llama"]))
     assert lora_target_modules(gpt2, "auto") == ["c_attn", "c_proj", "c_fc"] == LORA_TARGETS["gpt2"]
     assert lora_target_modules(llama, "auto") == LLAMA_PROJECTIONS
-    assert linear_layer_names(llama) == set(LLAMA_PROJECTIONS)  # lm_head is not a target
+    # the input embeddings are targets (peft LoRA on an Embedding), lm_head is not
+    assert linear_layer_names(llama) == {*LLAMA_PROJECTIONS, "embed_tokens"}
+    assert "wte" in linear_layer_names(gpt2) and "lm_head" not in linear_layer_names(gpt2)
     assert lora_target_modules(llama, "all-linear") == "all-linear"
     assert lora_target_modules(llama, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
-    with pytest.raises(ValueError, match=r"dpo.lora.target_modules: \['c_attn'\] match no linear layer of "
-                                         r"this llama model; its linear layers are \['down_proj', "):
+    with pytest.raises(ValueError, match=r"dpo.lora.target_modules: \['c_attn'\] match no linear or "
+                                         r"embedding layer of this llama model; it has \['down_proj', "):
         lora_target_modules(llama, ["q_proj", "c_attn"], "dpo.lora.target_modules")
 
 

@@ -107,6 +107,33 @@ def test_logits_head_and_full_precision_variant(setup):
         RewardModelConfig(backbone_path="x", head_input="pooled")
 
 
+def test_full_finetune_trains_every_backbone_weight_and_survives_save_load(setup, tmp_path):
+    """``finetune: full``: no LoRA, every backbone weight moves; the saved directory holds the
+    fine-tuned backbone, so a fresh copy (and a continued one) scores as the trained model."""
+    model = RewardModel.for_training(_config(setup, load_in_4bit=False, finetune="full"), seed=1)
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    assert all(p.requires_grad for p in model.parameters())
+    items, lengths = reward_pair_items(setup["tokenized"], setup["pairs"], "train")
+    train(model, items, lengths, pair_collate(setup["tok"].pad_token_id), reward_pair_loss_fn(),
+          train_config(steps=3, lr=1e-3, batch_size=8, warmup_steps=0))
+    moved = [n for n, p in model.backbone.named_parameters() if not torch.equal(before[n], p)]
+    assert any("h.0.attn.c_attn" in n for n in moved) and any("wte" in n for n in moved)
+    ds = PretrainedDirDataset(filepath=str(tmp_path / "rm"), load_class="rpo_pipeline.reward_model.RewardModel")
+    ds.save(model)
+    assert (tmp_path / "rm" / "model.safetensors").exists()
+    seqs = [i.chosen_input_ids for i in items[:6]]
+    want = reward_model.score(model, seqs, [2] * 6, setup["tok"].pad_token_id)
+    np.testing.assert_allclose(reward_model.score(ds.load().load(), seqs, [2] * 6,
+                                                  setup["tok"].pad_token_id), want, atol=1e-5)
+    again = RewardModel.continue_training(str(tmp_path / "rm"))
+    assert all(p.requires_grad for p in again.parameters())
+    np.testing.assert_allclose(reward_model.score(again, seqs, [2] * 6, setup["tok"].pad_token_id),
+                               want, atol=1e-5)
+    with pytest.raises(ValueError, match="needs load_in_4bit false and members 1"):
+        RewardModelConfig(backbone_path="x", finetune="full")
+
+
 def test_4bit_footprint_is_a_fraction_of_full_precision(setup):
     q = load_backbone(setup["backbone"], load_in_4bit=True).get_memory_footprint()
     full = load_backbone(setup["backbone"], load_in_4bit=False).get_memory_footprint()

@@ -125,3 +125,32 @@ def test_snapshots_are_the_weights_after_their_steps():
     assert sorted(snaps) == [2, 4]
     assert torch.equal(snaps[2], run(2)[0]) and torch.equal(snaps[4], run(4)[0])
     assert not torch.equal(snaps[4], final)
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_weights():
+    """Eval losses 3, 2, 2.5, 2.6, 1 with patience 2: stops after step 4 (two evaluations without
+    a lower loss) with the weights of step 2, the weights of a run stopped at step 2."""
+    from rpo_pipeline.reference import sft_collate
+
+    items = [SftExample([1, 2, 3, 4], 1), SftExample([4, 3, 2, 1], 1)] * 4
+
+    def loss_fn(m, batch):
+        return -torch.log_softmax(m.logits[batch["input_ids"]], -1).mean(), {}
+
+    def run(steps: int, patience: int = 0):
+        torch.manual_seed(0)
+        model = TableLM()
+        scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0, 0.5])
+        result = train(model, items, [4] * 8, sft_collate(0), loss_fn,
+                       train_config(steps=steps, batch_size=2, lr=0.1, schedule="constant",
+                                    warmup_steps=0, eval_every=1, patience=patience),
+                       eval_fn=lambda m: {"loss": next(scripted)})
+        return model.logits.detach(), result
+
+    kept, result = run(10, patience=2)
+    assert result.steps == 4 and result.best_step == 2
+    assert result.history["eval_loss"] == [3.0, 2.0, 2.5, 2.6]
+    assert torch.equal(kept, run(2)[0])
+    assert not torch.equal(kept, run(4)[0])
+    _, full = run(5)  # patience 0: every step runs
+    assert full.steps == 5 and full.best_step is None

@@ -95,13 +95,15 @@ LORA_TARGETS = {
 
 
 def linear_layer_names(model: torch.nn.Module) -> set[str]:
-    """Last name components of the model's linear layers (Linear, GPT-2 Conv1D, bnb Linear4bit),
-    the output embedding excluded: what ``lora.target_modules`` can name."""
+    """Last name components of the model's linear layers (Linear, GPT-2 Conv1D, bnb Linear4bit)
+    and input embeddings (peft's LoRA adapts those too: a low-rank per-token update), the output
+    embedding excluded: what ``lora.target_modules`` can name."""
     from transformers.pytorch_utils import Conv1D
 
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear | Conv1D) and m is not out_emb and name}
+            if isinstance(m, torch.nn.Linear | Conv1D | torch.nn.Embedding) and m is not out_emb
+            and name}
 
 
 def lora_target_modules(model: torch.nn.Module, spec: str | list[str], key: str = "lora.target_modules"
@@ -110,7 +112,7 @@ def lora_target_modules(model: torch.nn.Module, spec: str | list[str], key: str 
 
     ``auto``: the architecture's projections (``LORA_TARGETS``), else ``all-linear``;
     ``all-linear``: peft's every-linear-layer shorthand; a list: every name must be one of the
-    model's linear layers, else a ``ValueError`` lists them.
+    model's linear or input-embedding layers, else a ``ValueError`` lists them.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", "?")
     if spec == "auto":
@@ -120,8 +122,8 @@ def lora_target_modules(model: torch.nn.Module, spec: str | list[str], key: str 
     available = linear_layer_names(model)
     unknown = [m for m in spec if m not in available]
     if unknown:
-        raise ValueError(f"{key}: {unknown} match no linear layer of this {model_type} model; its "
-                         f"linear layers are {sorted(available)}. Use names from that list, 'auto' "
+        raise ValueError(f"{key}: {unknown} match no linear or embedding layer of this {model_type} "
+                         f"model; it has {sorted(available)}. Use names from that list, 'auto' "
                          "(per architecture) or 'all-linear'")
     return list(spec)
 

@@ -209,9 +209,15 @@ def fit_sft(job: SftJob, model: torch.nn.Module | None = None
     collate = sft_collate(job.pad_id)
     # whole rows, full logits: SFT weights bit-identical to before issue 13 (see ``scoring``)
     scorer = ResponseLogps(model, full_logits=True)
-    result = train(scorer, job.train.items, job.train.lengths, collate, sft_nll, cfg, desc="sft")
-    val = evaluate(scorer, job.val.items, job.val.lengths, collate, sft_nll,
-                   batch_size=2 * cfg.batch_size, device=p.device)
+
+    def val_loss(m: torch.nn.Module) -> dict[str, float]:
+        return evaluate(m, job.val.items, job.val.lengths, collate, sft_nll,
+                        batch_size=2 * cfg.batch_size, device=p.device)
+
+    periodic = cfg.eval_every and job.val.items
+    result = train(scorer, job.train.items, job.train.lengths, collate, sft_nll, cfg, desc="sft",
+                   eval_fn=val_loss if periodic else None)
+    val = val_loss(scorer)  # of the weights kept (the best evaluation's under early stopping)
     return model.cpu(), result, {"val_loss": val["loss"]}
 
 

@@ -261,6 +261,15 @@ class DataProcessingParams(Schema):
 # ---- reference ----------------------------------------------------------------------------------
 class SftParams(TrainParams):
     responses: Literal["all", "chosen"]
+    eval_every: NonNegInt  # val loss every N steps (0: only at the end)
+    patience: NonNegInt  # early stopping: stop after N evaluations without a lower val loss (0: off)
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self) -> SftParams:
+        if self.patience and not self.eval_every:
+            raise RuleError("patience", f"is {self.patience} but eval_every is 0: early stopping "
+                            "needs a val loss every eval_every steps; set eval_every")
+        return self
 
 
 class ReferenceParams(Schema):
@@ -286,6 +295,7 @@ class RewardModelParams(Schema):
     head_input: Literal["hidden", "logits"]
     pooling: Literal["last", "mean"]
     comparisons: Literal["pairs", "all"]
+    finetune: Literal["lora", "full"]  # lora: adapters on the frozen (4-bit) backbone | full
     ensemble: EnsembleParams
     lora: LoraParams
     center_coef: NonNegFloat
@@ -300,6 +310,17 @@ class RewardModelParams(Schema):
         if self.comparisons == "all" and self.margin_column is not None:
             raise RuleError("margin_column", f"= {self.margin_column!r} needs comparisons: pairs "
                             "(the comparisons of a whole group have no margin column)")
+        return self
+
+    @model_validator(mode="after")
+    def _full_finetune_needs_full_precision(self) -> RewardModelParams:
+        if self.finetune == "full" and self.load_in_4bit:
+            raise RuleError("finetune", "= 'full' trains every backbone weight, which a 4-bit "
+                            "backbone cannot: set load_in_4bit: false")
+        if self.finetune == "full" and self.ensemble.members > 1:
+            raise RuleError("finetune", f"= 'full' trains one backbone, but ensemble.members is "
+                            f"{self.ensemble.members} (members are LoRA adapters on one backbone): "
+                            "set members: 1 or finetune: lora")
         return self
 
     @model_validator(mode="after")

@@ -49,6 +49,7 @@ class RewardModelConfig:
     head_input: str = "hidden"  # hidden | logits
     pooling: str = "last"  # last: the last token's features | mean: the mean over response tokens
     members: int = 1  # ensemble: one LoRA adapter and head row per member, rewards (N, members)
+    finetune: str = "lora"  # lora: LoRA adapters on the frozen backbone | full: every weight trains
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -63,6 +64,11 @@ class RewardModelConfig:
             raise ValueError(f"members must be at least 1, got {self.members}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}")
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.finetune == "full" and (self.load_in_4bit or self.members > 1):
+            raise ValueError("finetune 'full' trains the full-precision backbone of one model: it "
+                             "needs load_in_4bit false and members 1")
 
 
 def load_backbone(path: str, load_in_4bit: bool = True, compute_dtype: str = "float32",
@@ -131,10 +137,14 @@ class RewardModel(torch.nn.Module):
     def for_training(cls, config: RewardModelConfig, seed: int = 0, device: str = "cpu"
                      ) -> RewardModel:
         """Fresh backbone (4-bit if configured, on ``device``: bitsandbytes' CUDA kernels on a
-        GPU) + new LoRA adapter + new head, seeded."""
+        GPU) + new LoRA adapter + new head, seeded; ``finetune: full``: the full-precision
+        backbone, every weight trainable, + new head."""
         torch.manual_seed(seed)
         backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype,
                                  device_map=_device_map(device))
+        if config.finetune == "full":
+            backbone.requires_grad_(True)
+            return cls(backbone, config)
         if config.load_in_4bit:
             backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
         config = replace(config, target_modules=lora_target_modules(
@@ -155,12 +165,15 @@ class RewardModel(torch.nn.Module):
         cannot train), the saved adapter loaded trainable, the saved head."""
         torch.manual_seed(seed)
         config = RewardModelConfig(**json.loads((Path(path) / CONFIG_FILE).read_text()))
-        backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype,
-                                 device_map=_device_map(device))
-        if config.load_in_4bit:
-            backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
-        backbone = _load_adapters(backbone, path, config.members, trainable=True)
-        _all_adapters_trainable(backbone, config.members)
+        if config.finetune == "full":  # the fine-tuned backbone is saved in ``path``
+            backbone = load_backbone(path, False, device_map=_device_map(device)).requires_grad_(True)
+        else:
+            backbone = load_backbone(config.backbone_path, config.load_in_4bit,
+                                     config.compute_dtype, device_map=_device_map(device))
+            if config.load_in_4bit:
+                backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+            backbone = _load_adapters(backbone, path, config.members, trainable=True)
+            _all_adapters_trainable(backbone, config.members)
         model = cls(backbone, config)
         model.head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
         return model.to(backbone.device)
@@ -215,7 +228,7 @@ class RewardModel(torch.nn.Module):
 
     def save_pretrained(self, path: str, **_: Any) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path)  # the LoRA adapter only (safetensors)
+        self.backbone.save_pretrained(path)  # the LoRA adapters (or, fine-tuned, every weight)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
                   str(Path(path) / HEAD_FILE))
         (Path(path) / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
@@ -225,13 +238,16 @@ class RewardModel(torch.nn.Module):
                         **_: Any) -> RewardModel:
         """A fresh copy for inference on ``device``: backbone (4-bit if saved so) + adapter + head.
         ``backbone_path`` replaces the saved one (a copy of the backbone elsewhere, e.g. an MLflow
-        Model's artifacts)."""
+        Model's artifacts); a fully fine-tuned backbone is read from ``path`` itself."""
         config = RewardModelConfig(**json.loads((Path(path) / CONFIG_FILE).read_text()))
         if backbone_path is not None:
             config = replace(config, backbone_path=str(backbone_path))
-        backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype,
-                                 device_map=_device_map(device))
-        backbone = _load_adapters(backbone, path, config.members, trainable=False)
+        if config.finetune == "full":
+            backbone = load_backbone(path, False, device_map=_device_map(device))
+        else:
+            backbone = load_backbone(config.backbone_path, config.load_in_4bit,
+                                     config.compute_dtype, device_map=_device_map(device))
+            backbone = _load_adapters(backbone, path, config.members, trainable=False)
         cfg = backbone.config
         head = torch.nn.Linear(cfg.vocab_size if config.head_input == "logits" else cfg.hidden_size,
                                config.members)

@@ -43,6 +43,8 @@ class TrainConfig(TrainParams):
 
     device: Device  # auto | cpu | cuda | cuda:N
     eval_every: NonNegInt = 0  # run eval_fn every N steps (and at the end); 0: only at the end
+    patience: NonNegInt = 0  # >0: stop after that many evaluations without a lower eval loss and
+                             # keep the weights of the best one (early stopping); 0: off
     precision: Literal[PRECISIONS] = "fp32"  # auto | fp32 | bf16 | fp16 (precision.py)
     num_processes: Annotated[int, Field(ge=1)] = 1
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -60,6 +62,8 @@ class TrainResult:
     items_per_second: float = 0.0
     precision: str = "fp32"  # what ran: fp32, or bf16 / fp16 autocast
     snapshots: dict[int, Any] = field(default_factory=dict)  # step -> what ``snapshot_fn`` returned
+    steps: int = 0  # optimizer steps taken (fewer than cfg.steps when early stopping stopped)
+    best_step: int | None = None  # early stopping: the evaluation whose weights were kept
 
 
 def resolve_device(name: str) -> torch.device:
@@ -254,9 +258,11 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     every ``cfg.eval_every`` steps and at the end on every rank (see ``evaluate``); its metrics are
     logged with an ``eval_`` prefix. After each of ``snapshot_steps`` (on rank 0)
     ``result.snapshots[step] = snapshot_fn(model)``: the intermediate policies of the
-    over-optimisation curves. A non-finite loss or gradient norm stops training
-    (``FloatingPointError``) before the optimizer step, so the weights and the last checkpoint
-    stay the last good state.
+    over-optimisation curves. With ``cfg.patience`` > 0 training stops once that many evaluations
+    in a row brought no lower ``loss`` from ``eval_fn``, and the weights of the best evaluation are
+    restored (``result.best_step``; the schedule still spans ``cfg.steps``). A non-finite loss or
+    gradient norm stops training (``FloatingPointError``) before the optimizer step, so the
+    weights and the last checkpoint stay the last good state.
     """
     with deterministic_kernels(resolve_device(cfg.device)):
         return _train(model, items, lengths, collate, loss_fn, cfg, desc, eval_fn,
@@ -283,6 +289,7 @@ def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     last = Path(cfg.checkpoint_dir) / "last" if cfg.checkpoint_dir else None
     if cfg.resume and last is not None and (last / CHECKPOINT_STATE).exists():
         start = load_checkpoint(accelerator, accelerator.unwrap_model(wrapped), last, result)
+    result.steps = start
     # batch_size is global (as nanoGPT keeps its total batch): the number of processes splits the
     # work of a step, it does not change the step
     batches = iterate_batches(len(items), lengths, cfg.batch_size, cfg.seed)
@@ -290,6 +297,7 @@ def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
         next(batches)
     window: dict[str, float] = defaultdict(float)
     window_steps, seen, t0 = 0, 0, time.perf_counter()
+    best_loss, best_state, evals_since_best = math.inf, None, 0
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress or rank > 0,
                dynamic_ncols=True)
 
@@ -343,20 +351,35 @@ def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
             result.log_steps.append(step)
             bar.set_postfix(loss=f"{window['loss'] / window_steps:.4f}", items_s=f"{rate:.0f}")
             window, window_steps = defaultdict(float), 0
+        stop = False
         if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
                                     or step == cfg.steps):
-            for k, v in eval_fn(accelerator.unwrap_model(wrapped)).items():
+            evaluated = eval_fn(accelerator.unwrap_model(wrapped))
+            for k, v in evaluated.items():
                 result.history.setdefault(f"eval_{k}", []).append(v)
             result.history.setdefault("eval_step", []).append(step)
             wrapped.train()
+            if cfg.patience:  # every rank sees the same (all-reduced) loss, so all stop together
+                if evaluated["loss"] < best_loss:
+                    best_loss, result.best_step, evals_since_best = evaluated["loss"], step, 0
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in
+                                  accelerator.unwrap_model(wrapped).state_dict().items()}
+                else:
+                    evals_since_best += 1
+                    stop = evals_since_best >= cfg.patience
         if last is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0
                                                           or step == cfg.steps):
             save_checkpoint(accelerator, cfg.checkpoint_dir, step, result)
         if snapshot_fn is not None and step in snapshot_steps and rank == 0:
             result.snapshots[step] = snapshot_fn(accelerator.unwrap_model(wrapped))
         bar.update(1)
+        result.steps = step
+        if stop:
+            break
 
     bar.close()
+    if best_state is not None:
+        accelerator.unwrap_model(wrapped).load_state_dict(best_state)
     accelerator.wait_for_everyone()
     result.seconds = time.perf_counter() - t0
     result.items_per_second = seen / max(result.seconds, 1e-9)

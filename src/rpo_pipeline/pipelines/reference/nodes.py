@@ -68,17 +68,26 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
     payload: MetricsPayload = {}
     if sft.steps > 0:
         val_rows = _sft_rows(tokenized, sft_targets, pairs, "val", sft.responses)
+        if sft.patience and val_rows.empty:
+            raise ValueError(f"reference.sft.patience is {sft.patience} but the val split has no "
+                             "responses and no text: early stopping needs a val loss")
         job = SftJob(str(base_model.path), tokenizer.load().pad_token_id, p.model_dump(),
                      Split(*sft_items(train_rows)), Split(*sft_items(val_rows)))
         model, result, val = fit("sft", job, sft.num_processes, sft.backend, p.device, lambda: model,
                                  AutoModelForCausalLM.from_pretrained)
         payload = histories({"sft_loss": result.history["loss"]}, result.log_steps)
+        if "eval_loss" in result.history:
+            payload |= histories({"sft_eval_loss": result.history["eval_loss"]},
+                                 [int(s) for s in result.history["eval_step"]])
         metrics |= {"sft_val_loss": val["val_loss"], "sft_train_loss": result.history["loss"][-1],
                     "sft_sequences_per_second": result.items_per_second,
                     "sft_world_size": sft.num_processes,
                     "sft_precision_bits": PRECISION_BITS[result.precision]}
-        log.info("SFT: %d steps on %d process(es) in %.1f s (%.0f seq/s), train loss %.3f, val "
-                 "loss %.3f", sft.steps, sft.num_processes, result.seconds, result.items_per_second,
+        if sft.patience:
+            metrics |= {"sft_steps": result.steps, "sft_best_step": result.best_step or 0}
+        log.info("SFT: %d of %d steps (best val loss at step %s) on %d process(es) in %.1f s "
+                 "(%.0f seq/s), train loss %.3f, val loss %.3f", result.steps, sft.steps,
+                 result.best_step, sft.num_processes, result.seconds, result.items_per_second,
                  result.history["loss"][-1], val["val_loss"])
     model.cpu()
     return Fingerprinted(model, fp), payload | stage.computed(metrics)

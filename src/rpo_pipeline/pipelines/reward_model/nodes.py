@@ -70,8 +70,8 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
     config = RewardModelConfig(backbone_path=backbone, load_in_4bit=p.load_in_4bit,
                                compute_dtype=p.compute_dtype, head_input=p.head_input,
                                pooling=p.pooling, members=p.ensemble.members,
-                               lora_r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
-                               target_modules=p.lora.target_modules)
+                               finetune=p.finetune, lora_r=p.lora.r, lora_alpha=p.lora.alpha,
+                               lora_dropout=p.lora.dropout, target_modules=p.lora.target_modules)
     evals = {split: Split(*reward_pair_items(tokenized, pairs, split, p.margin_column))
              for split in ("val", "test")}
     job = RewardModelJob(config, tokenizer.load().pad_token_id, p.model_dump(),
