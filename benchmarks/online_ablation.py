@@ -45,7 +45,10 @@ ROWS: dict[str, dict[str, object]] = {
     # the KL budget: a smaller step size
     "none_lr6e-4": {"rpo_online.train.lr": 6.0e-4},
     "gold_judge_lr6e-4": {"rpo_online.judge": "gold", "rpo_online.train.lr": 6.0e-4},
+    # every mitigation at the chosen step size: the rows reported on test
     "ensemble_lr6e-4": ENSEMBLE | {"rpo_online.train.lr": 6.0e-4},
+    "refresh_lr6e-4": {"rpo_online.refresh.labels_per_round": 32, "rpo_online.train.lr": 6.0e-4},
+    "both_lr6e-4": ENSEMBLE | {"rpo_online.refresh.labels_per_round": 32, "rpo_online.train.lr": 6.0e-4},
 }
 
 
