@@ -165,15 +165,7 @@ class RewardModel(torch.nn.Module):
         cannot train), the saved adapter loaded trainable, the saved head."""
         torch.manual_seed(seed)
         config = RewardModelConfig(**json.loads((Path(path) / CONFIG_FILE).read_text()))
-        if config.finetune == "full":  # the fine-tuned backbone is saved in ``path``
-            backbone = load_backbone(path, False, device_map=_device_map(device)).requires_grad_(True)
-        else:
-            backbone = load_backbone(config.backbone_path, config.load_in_4bit,
-                                     config.compute_dtype, device_map=_device_map(device))
-            if config.load_in_4bit:
-                backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
-            backbone = _load_adapters(backbone, path, config.members, trainable=True)
-            _all_adapters_trainable(backbone, config.members)
+        backbone = _saved_backbone(config, path, device, trainable=True)
         model = cls(backbone, config)
         model.head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
         return model.to(backbone.device)
@@ -242,12 +234,7 @@ class RewardModel(torch.nn.Module):
         config = RewardModelConfig(**json.loads((Path(path) / CONFIG_FILE).read_text()))
         if backbone_path is not None:
             config = replace(config, backbone_path=str(backbone_path))
-        if config.finetune == "full":
-            backbone = load_backbone(path, False, device_map=_device_map(device))
-        else:
-            backbone = load_backbone(config.backbone_path, config.load_in_4bit,
-                                     config.compute_dtype, device_map=_device_map(device))
-            backbone = _load_adapters(backbone, path, config.members, trainable=False)
+        backbone = _saved_backbone(config, path, device, trainable=False)
         cfg = backbone.config
         head = torch.nn.Linear(cfg.vocab_size if config.head_input == "logits" else cfg.hidden_size,
                                config.members)
@@ -267,6 +254,22 @@ def _all_adapters_trainable(model: torch.nn.Module, members: int) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.requires_grad_(True)
+
+
+def _saved_backbone(config: RewardModelConfig, path: str, device: str, trainable: bool
+                    ) -> torch.nn.Module:
+    """The backbone of the reward model saved in ``path``: with ``finetune: full`` the fine-tuned
+    weights stored there, else a fresh configured backbone (4-bit if so) with the saved adapters."""
+    if config.finetune == "full":
+        return load_backbone(path, False, device_map=_device_map(device)).requires_grad_(trainable)
+    backbone = load_backbone(config.backbone_path, config.load_in_4bit, config.compute_dtype,
+                             device_map=_device_map(device))
+    if trainable and config.load_in_4bit:
+        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+    backbone = _load_adapters(backbone, path, config.members, trainable=trainable)
+    if trainable:
+        _all_adapters_trainable(backbone, config.members)
+    return backbone
 
 
 def _load_adapters(backbone: torch.nn.Module, path: str, members: int, trainable: bool) -> PeftModel:
