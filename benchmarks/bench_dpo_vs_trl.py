@@ -16,11 +16,15 @@ How it measures (issue 13):
   1.0, dropout off (TRL's default, ours too). We length-bucket the batches; TRL shuffles.
 - Ours reads π_ref from the cache (its build is timed separately, as TRL's precompute is not part
   of its ``train_runtime``). Pairs/s = pairs trained / training time.
-- TRL in five settings: its defaults (on CPU ``bf16=True`` and gradient checkpointing on), fp32,
-  fp32 without gradient checkpointing, that + ``precompute_ref_log_probs``, and that +
-  ``padding_free``. "TRL best" is the fastest that ran. A setting that fails is recorded with its
-  error. TRL's defaults run bf16, which on a CPU without native bf16 takes minutes per step, so
-  they get ``--defaults-steps`` steps (a rate needs no more).
+- TRL in eight settings: its defaults (on CPU ``bf16=True`` and gradient checkpointing on), fp32,
+  fp32 without gradient checkpointing, that + ``precompute_ref_log_probs``, that +
+  ``padding_free``, and the same three in bf16 (only where bf16 runs natively: a GPU, or a CPU
+  with AVX-512-BF16 / AMX; elsewhere recorded as skipped, with the CPU capability). "TRL best" is
+  the fastest that ran. A setting that fails is recorded with its error. TRL's defaults run bf16,
+  which on a CPU without native bf16 takes minutes per step, so they get ``--defaults-steps``
+  steps (a rate needs no more).
+- Ours runs in the precision it would pick (``--precision``) and in the other one (bf16 without
+  native support: ``--defaults-steps`` steps, as TRL's defaults).
 - Alternating: each repetition runs every contender once, in turn; the median of ``--reps``.
 - ``mfu``: our training FLOPs per pair (counted with ``FlopCounterMode`` over the first batches,
   forward + backward as executed, the shared prompt once) x pairs/s, over the matmul peak of the
@@ -71,7 +75,13 @@ TRL_SETTINGS: dict[str, dict[str, Any]] = {
                                               "precompute_ref_log_probs": True},
     "padding_free": {"bf16": False, "gradient_checkpointing": False,
                      "precompute_ref_log_probs": True, "padding_free": True},
+    # bf16 settings: only on a CPU that runs bf16 natively (AVX-512-BF16 / AMX) or a GPU
+    "bf16": {"bf16": True},
+    "bf16_no_checkpointing": {"bf16": True, "gradient_checkpointing": False},
+    "bf16_no_checkpointing_precomputed_ref": {"bf16": True, "gradient_checkpointing": False,
+                                              "precompute_ref_log_probs": True},
 }
+BF16_SETTINGS = {"bf16", "bf16_no_checkpointing", "bf16_no_checkpointing_precomputed_ref"}
 
 
 # ---- the machine -----------------------------------------------------------------------------
@@ -205,12 +215,12 @@ def trl(path: Path, tok, ds, steps: int, batch: int, setting: dict[str, Any]) ->
     return steps * batch / (clock.end - clock.start)
 
 
-def reference_cache_rate(path: Path, tokenized: pd.DataFrame, pad: int) -> tuple[float, pd.DataFrame]:
+def reference_cache_rate(path: Path, tokenized: pd.DataFrame) -> tuple[float, pd.DataFrame]:
     rows = tokenized[tokenized["split"].isin(["train", "val"])].reset_index(drop=True)
     model = AutoModelForCausalLM.from_pretrained(path)
     t0 = time.perf_counter()
     logp, n = response_logps(model, rows["input_ids"].tolist(), rows["response_start"].tolist(),
-                              pad, batch_size=64, device=DEVICE, progress=False)
+                              batch_size=64, device=DEVICE, progress=False)
     seconds = time.perf_counter() - t0
     return len(rows) / seconds, reference_table(rows, logp, n)
 
@@ -239,7 +249,7 @@ def bench_model(name: str, tmp: Path, args, mach: dict[str, Any]) -> dict[str, A
     pad, eos = tok.pad_token_id, tok.eos_token_id
     print(f"[{name}] {info}", flush=True)
 
-    cache_rate, ref = reference_cache_rate(path, tokenized, pad)
+    cache_rate, ref = reference_cache_rate(path, tokenized)
     print(f"[{name}] reference cache {cache_rate:.0f} seq/s", flush=True)
     sample_rate = sampling_rate(path, tokenized, eos, pad)
     print(f"[{name}] sampling {sample_rate:.0f} tokens/s", flush=True)
@@ -262,14 +272,25 @@ def bench_model(name: str, tmp: Path, args, mach: dict[str, Any]) -> dict[str, A
     g_items, g_lengths = g_items[: args.steps * k_groups], g_lengths[: args.steps * k_groups]
 
     precision = resolve_precision(args.precision, torch.device(DEVICE))
+    other = "bf16" if precision == "fp32" else "fp32"
+    # bf16 without native support (AVX2: ~1 GFLOP/s) runs --defaults-steps steps: a rate needs no more
+    native_bf16 = DEVICE != "cpu" or bool(mach["cpu_bf16_flags"])
+    other_steps = args.steps if other == "fp32" or native_bf16 else args.defaults_steps
     dpo_loss = preference_loss_fn("sigmoid", BETA)
     rpo_loss = reward_aware_loss_fn("bwd_kl", 0.05, 1.0)
-    runs: dict[str, list[float]] = {"ours": [], "rpo_k4_shared": [], "rpo_k4_unshared": []}
+    runs: dict[str, list[float]] = {"ours": [], f"ours_{other}": [], "rpo_k4_shared": [],
+                                    "rpo_k4_unshared": []}
     runs |= {f"trl_{s}": [] for s in TRL_SETTINGS}
     errors: dict[str, str] = {}
+    if not native_bf16:
+        errors |= {f"trl_{s}": f"skipped: no native bf16 on this CPU ({mach['cpu_capability']}, "
+                   f"bf16 matmul {mach['bf16_gflops']:.1f} GFLOP/s)" for s in BF16_SETTINGS}
     for rep in range(args.reps):
-        runs["ours"].append(ours(path, items, lengths, policy_collate(pad), dpo_loss, args.steps,
+        runs["ours"].append(ours(path, items, lengths, policy_collate(), dpo_loss, args.steps,
                                  args.batch, precision))
+        if rep < (args.reps if other_steps == args.steps else args.defaults_reps):
+            runs[f"ours_{other}"].append(ours(path, items, lengths, policy_collate(), dpo_loss,
+                                              other_steps, args.batch, other))
         for s, setting in TRL_SETTINGS.items():
             if f"trl_{s}" in errors or (s == "defaults" and rep >= args.defaults_reps):
                 continue
@@ -280,7 +301,7 @@ def bench_model(name: str, tmp: Path, args, mach: dict[str, Any]) -> dict[str, A
                 errors[f"trl_{s}"] = f"{type(e).__name__}: {str(e)[:300]}"
         for shared in (True, False):
             runs[f"rpo_k4_{'shared' if shared else 'unshared'}"].append(
-                ours(path, g_items, g_lengths, group_collate(pad, share_prefix=shared), rpo_loss,
+                ours(path, g_items, g_lengths, group_collate(share_prompt=shared), rpo_loss,
                      args.steps, k_groups, precision))
         print(f"[{name}] rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()
                                                        if v), flush=True)
@@ -288,12 +309,15 @@ def bench_model(name: str, tmp: Path, args, mach: dict[str, Any]) -> dict[str, A
     med = {k: statistics.median(v) for k, v in runs.items() if v}
     trl_rates = {s: med[f"trl_{s}"] for s in TRL_SETTINGS if f"trl_{s}" in med}
     best = max(trl_rates, key=trl_rates.get)
-    flops = flops_per_item(path, items, lengths, policy_collate(pad), dpo_loss, args.batch)
+    flops = flops_per_item(path, items, lengths, policy_collate(), dpo_loss, args.batch)
     peak = mach["fp32_gflops"] if precision == "fp32" else mach[f"{precision}_gflops"]
     return {
         "model": info, "precision": precision, "steps": args.steps, "batch_pairs": args.batch,
         "reps": args.reps, "tokens_per_pair": tokens, "prompt_tokens_per_pair": prompt_tokens,
         "ours_pairs_per_second": med["ours"],
+        "ours_other_precision": {"precision": other, "steps": other_steps,
+                                 "pairs_per_second": med.get(f"ours_{other}")},
+        "cpu_capability": mach["cpu_capability"], "native_bf16": native_bf16,
         "trl_pairs_per_second": trl_rates,
         "trl_errors": errors,
         "trl_best_config": best,
@@ -303,8 +327,8 @@ def bench_model(name: str, tmp: Path, args, mach: dict[str, Any]) -> dict[str, A
         "train_gflop_per_pair": flops / 1e9,
         "mfu": flops * med["ours"] / (peak * 1e9),
         "mfu_peak_gflops": peak,
-        "rpo_k4_groups_per_second": {"prefix_shared": med["rpo_k4_shared"],
-                                     "unshared": med["rpo_k4_unshared"]},
+        "rpo_k4_groups_per_second": {"shared_packed": med["rpo_k4_shared"],
+                                     "unshared_packed": med["rpo_k4_unshared"]},
         "rpo_k4_sharing_speedup": med["rpo_k4_shared"] / med["rpo_k4_unshared"],
         "reference_cache_sequences_per_second": cache_rate,
         "evaluation_sampling_tokens_per_second": sample_rate,
@@ -323,25 +347,32 @@ def markdown(result: dict[str, Any]) -> str:
         info = r["model"]
         lines += [f"## {name}: {info['parameters'] / 1e6:.1f}M parameters, {info['layers']} x "
                   f"{info['width']}, {r['tokens_per_pair']:.0f} tokens per pair "
-                  f"({r['prompt_tokens_per_pair']:.0f} of them the prompt, once per sequence)", "",
+                  f"({r['prompt_tokens_per_pair']:.0f} of them the prompt, run once per pair by ours)", "",
                   *([f"{r['settings']['steps']} steps x {r['settings']['batch']} pairs, median of "
                      f"{r['settings']['reps']} alternated repetitions; TRL at its defaults (bf16): "
                      f"{r['settings']['defaults_steps']} step(s), "
                      f"{min(r['settings']['defaults_reps'], r['settings']['reps'])} repetition(s)",
                      ""] if "settings" in r else []),
                   "| contender | pairs/s | ours / it |", "|---|---:|---:|",
-                  f"| **ours** ({r['precision']}, prefix sharing, cached π_ref) | "
-                  f"{r['ours_pairs_per_second']:.2f} | |"]
+                  f"| **ours** ({r['precision']}, packed, prompt shared, cached π_ref; "
+                  f"{r['cpu_capability']}) | {r['ours_pairs_per_second']:.2f} | |"]
+        o = r.get("ours_other_precision")
+        if o and o["pairs_per_second"]:
+            lines.append(f"| ours in {o['precision']} ({o['steps']} steps; {r['cpu_capability']}"
+                         f"{', native bf16' if r['native_bf16'] else ', no native bf16'}) | "
+                         f"{o['pairs_per_second']:.2f} | {r['ours_pairs_per_second'] / o['pairs_per_second']:.2f}x |")
         for s, v in r["trl_pairs_per_second"].items():
             mark = " (best)" if s == r["trl_best_config"] else ""
-            lines.append(f"| TRL {s}{mark} | {v:.2f} | {r['ours_pairs_per_second'] / v:.2f}x |")
+            lines.append(f"| TRL {s}{mark} ({r.get('cpu_capability', '')}) | {v:.2f} | "
+                         f"{r['ours_pairs_per_second'] / v:.2f}x |")
         for s, e in r["trl_errors"].items():
-            lines.append(f"| {s} | failed: {e[:120]} | |")
+            lines.append(f"| {s} | {e[:140] if e.startswith('skipped') else 'failed: ' + e[:120]} | |")
         g = r["rpo_k4_groups_per_second"]
         lines += ["", f"- MFU {r['mfu']:.1%} ({r['train_gflop_per_pair']:.2f} GFLOP per pair as "
                       f"executed, over the {r['precision']} matmul peak)",
-                  f"- RPO K = 4: {g['prefix_shared']:.2f} groups/s with prefix sharing, "
-                  f"{g['unshared']:.2f} without ({r['rpo_k4_sharing_speedup']:.2f}x)",
+                  f"- RPO K = 4: {g['shared_packed']:.2f} groups/s with the prompt shared in one "
+                  f"packed sequence, {g['unshared_packed']:.2f} with one segment per response "
+                  f"({r['rpo_k4_sharing_speedup']:.2f}x)",
                   f"- reference cache {r['reference_cache_sequences_per_second']:.0f} sequences/s; "
                   f"evaluation sampling {r['evaluation_sampling_tokens_per_second']:.0f} tokens/s",
                   ""]

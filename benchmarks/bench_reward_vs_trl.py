@@ -81,7 +81,7 @@ def main() -> None:
         cfg = RewardModelConfig(backbone_path=tmp, lora_r=16, lora_alpha=32, target_modules=TARGETS,
                                 load_in_4bit=four_bit)
         ours = RewardModel.for_training(cfg, seed=0)
-        col, loss_fn = pair_collate(tok.pad_token_id), reward_pair_loss_fn()
+        col, loss_fn = pair_collate(), reward_pair_loss_fn()
         t0 = time.perf_counter()
         train(ours, items, lengths, col, loss_fn,
               TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, grad_accum=1,

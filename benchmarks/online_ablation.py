@@ -114,9 +114,9 @@ def evaluate_policy(work: Path, split: str, n_prompts: int | None) -> dict[str, 
         t["gold"] = judge([s.strip() for s in tok.batch_decode(t["completion_ids"].tolist(),
                                                                 skip_special_tokens=True)])
         t["rm"] = ensemble_reward(score(rm, [a + b for a, b in zip(t["prompt_ids"], t["completion_ids"], strict=True)],
-                                        t["prompt_ids"].map(len).tolist(), tok.pad_token_id))[0]
+                                        t["prompt_ids"].map(len).tolist()))[0]
         ref_logp = completion_logps(ref, t["prompt_ids"].tolist(), t["completion_ids"].tolist(),
-                                    tok.pad_token_id, progress=False)
+                                    progress=False)
         t["kl"] = t["logp"] - np.asarray(ref_logp)
         tables[name] = t
         a = rm_gold_agreement(t, score="rm")

@@ -244,22 +244,22 @@ def main() -> None:
                                                                       strict=True) for _ in range(int(w))]
                 lengths = [items[1][k] for k, b in enumerate(boot) for _ in range(int(b.member_weights[m]))]
                 pm = p.model_copy(update={"train": p.train.model_copy(update={"seed": p.train.seed + m})})
-                model, _, ev = fit_reward_model(RewardModelJob(config, tok.pad_token_id, pm.model_dump(),
+                model, _, ev = fit_reward_model(RewardModelJob(config, pm.model_dump(),
                                                                Split(mine, lengths), val))
                 models.append(model)
                 accs.append(ev[f"{args.split}_accuracy"])
             acc = float(np.mean(accs))
         else:
             boot = with_bootstrap(items[0], members, p.train.seed) if members > 1 else items[0]
-            model, _, ev = fit_reward_model(RewardModelJob(config, tok.pad_token_id, p.model_dump(),
+            model, _, ev = fit_reward_model(RewardModelJob(config, p.model_dump(),
                                                            Split(boot, items[1]), val))
             models, acc = [model], ev[f"{args.split}_accuracy"]
         r = {"pair_accuracy": acc, "train_seconds": time.perf_counter() - t0,
              "train_pairs": len(items[0])}
         for pol, s in samples.items():
             ts = time.perf_counter()
-            scores = np.concatenate([score(m, s["input_ids"].tolist(), s["response_start"].tolist(),
-                                           tok.pad_token_id) for m in models], axis=1)
+            scores = np.concatenate([score(m, s["input_ids"].tolist(), s["response_start"].tolist())
+                                     for m in models], axis=1)
             r[f"score_seconds/{pol}"] = time.perf_counter() - ts
             mean, std = ensemble_reward(scores)
             r[f"spearman/{pol}"], r[f"sample_pair_accuracy/{pol}"] = agreement(s.assign(rm=mean), "rm")

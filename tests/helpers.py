@@ -48,17 +48,18 @@ def train_config(**overrides: Any):
 class TableLM(torch.nn.Module):
     """A scorer (``scoring.ResponseLogps``'s interface) whose next-token logits are a learnable
     table: log p(y_t | ..., y_{t-1}) = log_softmax(table[y_{t-1}])[y_t] (log-probs easy to control).
-    Takes ``scoring.shared_prefix_collate`` batches; returns summed response log-probs and counts."""
+    Takes ``scoring.packed_collate`` batches; returns summed response log-probs and counts."""
 
     def __init__(self, vocab: int = 6):
         super().__init__()
         self.logits = torch.nn.Parameter(torch.randn(vocab, vocab))
 
     def forward(self, batch):
-        ids, mask = batch["response_ids"], batch["response_attention_mask"]
-        prev = torch.cat([batch["prompt_ids"][batch["prompt_index"], -1:], ids[:, :-1]], 1)
-        lp = torch.log_softmax(self.logits[prev], -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        return (lp * mask).double().sum(-1), mask.sum(-1)
+        prev, y, rows = batch["packed_ids"][0][batch["score_from"]], batch["score_target"], batch["score_row"]
+        lp = torch.log_softmax(self.logits[prev], -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        n = int(batch["n_rows"])
+        return (torch.zeros(n, dtype=torch.float64).index_add(0, rows, lp.double()),
+                torch.zeros(n, dtype=torch.long).index_add(0, rows, torch.ones_like(rows)))
 
 
 def shared_file(relative: str) -> Path:

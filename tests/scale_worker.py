@@ -37,7 +37,7 @@ def main(out: str, steps: int, resume: bool) -> None:
                                  "train.resume": resume, "train.num_processes": 2,
                                  "disable_dropout": False,  # dropout on: each rank's RNG matters
                                  "device": "cpu"})
-    job = PolicyJob("dpo", str(lm), 0, params, data, Split([], []))
+    job = PolicyJob("dpo", str(lm), params, data, Split([], []))
     model, _, _ = fit("policy", job, 2, "gloo", "cpu", None, GPT2LMHeadModel.from_pretrained)
     torch.save(model.state_dict(), Path(out) / "final.pt")
 

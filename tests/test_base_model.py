@@ -14,7 +14,8 @@ TEXTS = ["the film was wonderful and the acting superb", "a dull and tedious plo
          "prompt : [SEP] response :"] * 50
 PARAMS = BaseModelParams.parse(base_params("base_model", {
     "seed": 3, "tokenizer.vocab_size": 400,
-    "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}))
+    "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128,
+              "activation_function": "gelu_pytorch_tanh"}}))
 
 
 def test_builtin_model_matches_config_and_is_seeded():

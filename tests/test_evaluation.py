@@ -121,7 +121,7 @@ def test_generate_is_seeded_trimmed_and_batch_independent():
     # the model's own log-probs from generate == a separate scoring pass
     flat_p = [p for p, comps in zip(PROMPTS, a, strict=True) for _ in comps]
     flat_c = [comp for comps in a for comp in comps]
-    scored = completion_logps(model, flat_p, flat_c, PAD, batch_size=3, device="cpu")
+    scored = completion_logps(model, flat_p, flat_c, batch_size=3, device="cpu")
     np.testing.assert_allclose([x for lps in lp_a for x in lps], scored, atol=1e-4)
     # greedy: the same completion alone and inside a left-padded batch
     greedy, _ = generate(model, PROMPTS, cfg, EOS, PAD, greedy=True, device="cpu", progress=False)
@@ -138,7 +138,7 @@ def test_kl_estimate_matches_exact_kl():
     vocab = policy.config.vocab_size
 
     def exact_logp(model, y):
-        return float(completion_logps(model, [prompt], [list(y)], PAD, device="cpu")[0])
+        return float(completion_logps(model, [prompt], [list(y)], device="cpu")[0])
 
     ys = [(EOS,)] + [(t1, t2) for t1, t2 in itertools.product(range(vocab), repeat=2) if t1 != EOS]
     lp_pol = np.array([exact_logp(policy, y) for y in ys])
@@ -150,7 +150,7 @@ def test_kl_estimate_matches_exact_kl():
     comps, lps = generate(policy, [prompt] * 8, cfg, EOS, PAD, device="cpu", progress=False)
     flat = [c for cs in comps for c in cs]
     diff = np.array([x for lp in lps for x in lp]) - completion_logps(
-        ref, [prompt] * len(flat), flat, PAD, batch_size=256, device="cpu")
+        ref, [prompt] * len(flat), flat, batch_size=256, device="cpu")
     se = diff.std(ddof=1) / np.sqrt(len(diff))
     assert exact > 0.1  # the two models differ
     assert abs(diff.mean() - exact) < 4 * se, (diff.mean(), exact, se)

@@ -103,7 +103,7 @@ def _policy_pair(method: str, lm_dir: str, train: Split, val: Split, val_pairs: 
                                       "train.eval_every": 3, "train.progress": False,
                                       "train.checkpoint_every": 0, "train.checkpoint_dir": None,
                                       "train.num_processes": procs, "device": "cpu", **extra})
-        job = PolicyJob(method, lm_dir, PAD, params, train, val, val_pairs)
+        job = PolicyJob(method, lm_dir, params, train, val, val_pairs)
         out.append(fit("policy", job, procs, "gloo", "cpu",
                        lambda: GPT2LMHeadModel.from_pretrained(lm_dir),
                        GPT2LMHeadModel.from_pretrained))
@@ -160,7 +160,7 @@ def test_4bit_lora_reward_model_on_two_processes_equals_one_process(dropout_lm_d
                                               "train.progress": False, "train.log_every": 1,
                                               "train.num_processes": procs, "device": "cpu",
                                               "disable_dropout": True})
-        job = RewardModelJob(config, PAD, params, train, {"val": val})
+        job = RewardModelJob(config, params, train, {"val": val})
         out.append(fit("reward_model", job, procs, "gloo", "cpu",
                        lambda: RewardModel.for_training(config, seed=0), RewardModel.from_pretrained))
     (m1, r1, e1), (m2, r2, e2) = out
@@ -182,7 +182,7 @@ def test_sharded_inference_equals_one_process(lm_dir, tmp_path, processes):
     g = torch.Generator().manual_seed(9)
     seqs = [_seq(g, 4, 30) for _ in range(37)]
     starts = [2] * len(seqs)
-    args = {"input_ids": seqs, "response_starts": starts, "pad_id": PAD, "batch_size": 5,
+    args = {"input_ids": seqs, "response_starts": starts, "batch_size": 5,
             "progress": False}
     one = infer(InferenceJob("response_logps", lm_dir, "cpu", args), 1, "gloo")
     two = infer(InferenceJob("response_logps", lm_dir, "cpu", args), 2, "gloo")
@@ -201,7 +201,7 @@ def test_sharded_inference_equals_one_process(lm_dir, tmp_path, processes):
     rm_dir = tmp_path / "rm"
     RewardModel.for_training(RewardModelConfig(backbone_path=lm_dir, lora_r=4, lora_alpha=8)
                              ).save_pretrained(str(rm_dir))
-    rm_args = {"sequences": seqs, "response_starts": starts, "pad_id": PAD, "batch_size": 4}
+    rm_args = {"sequences": seqs, "response_starts": starts, "batch_size": 4}
     r1 = infer(InferenceJob("rewards", str(rm_dir), "cpu", rm_args), 1, "gloo")
     r2 = infer(InferenceJob("rewards", str(rm_dir), "cpu", rm_args), 2, "gloo")
     np.testing.assert_allclose(r2, r1, rtol=0, atol=1e-6)
@@ -261,7 +261,7 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path, processes)
     params = base_params("dpo", {"train.steps": 6, "train.checkpoint_dir": str(out / "ckpt"),
                                  "train.checkpoint_every": 2, "train.resume": True,
                                  "train.progress": False, "device": "cpu"})
-    job = PolicyJob("dpo", str(out / "lm"), PAD, params, _pairs(8, 0), Split([], []))
+    job = PolicyJob("dpo", str(out / "lm"), params, _pairs(8, 0), Split([], []))
     with pytest.raises(ValueError, match="written by 2 processes; resume with num_processes: 2"):
         fit("policy", job, 1, "gloo", "cpu", lambda: model, GPT2LMHeadModel.from_pretrained)
 

@@ -117,7 +117,7 @@ def test_policy_loss_uses_cached_reference_and_reports_trl_metrics():
     model = TableLM()
     items = [PreferencePair([1, 2, 3, 4], 2, [1, 2, 5], 2, -3.0, -2.0),
              PreferencePair([0, 3, 3], 1, [0, 3, 1, 1], 1, -4.0, -5.0)]
-    batch = policy_collate(pad_id=0)(items)
+    batch = policy_collate()(items)
     beta = 0.1
     loss, m = preference_loss_fn("sigmoid", beta)(model, batch)
     logp, _ = model(batch)
@@ -143,7 +143,7 @@ def test_ipo_metrics_use_the_per_token_averaged_log_ratios_of_its_loss():
     # responses of different lengths (chosen 2 and 4 tokens, rejected 1 and 3)
     items = [PreferencePair([1, 2, 3, 4], 2, [1, 2, 5], 2, -3.0, -2.0),
              PreferencePair([0, 3, 3, 2, 1], 1, [0, 3, 1, 1], 1, -4.0, -9.0)]
-    batch = policy_collate(pad_id=0)(items)
+    batch = policy_collate()(items)
     beta = 0.5
     loss, m = preference_loss_fn("ipo", beta)(model, batch)
     logp, n = model(batch)
@@ -285,7 +285,7 @@ def test_reward_aware_loss_k2_uses_pair_form_and_reports_agreement():
     model = TableLM()
     items = [ResponseGroup([[1, 2, 3], [1, 4, 5, 2]], [1, 1], [-3.0, -4.0], [1.0, -1.0]),
              ResponseGroup([[0, 3], [0, 5, 5]], [1, 1], [-2.0, -2.5], [-0.5, 0.5])]
-    batch = group_collate(0)(items)
+    batch = group_collate()(items)
     beta, eta = 0.5, 2.0
     loss, m = reward_aware_loss_fn("bwd_kl", beta, eta)(model, batch)
     logp, _ = model(batch)

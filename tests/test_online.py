@@ -91,7 +91,7 @@ def tiny(tmp_path_factory):
     texts = [t for r in groups.itertuples() for t in [r.prompt, *r.responses]]
     base = BaseModelParams.parse(base_params("base_model", {
         "tokenizer.vocab_size": 512, "model": {"n_layer": 2, "n_embd": 64, "n_head": 2,
-                                               "n_positions": 96}}))
+                                               "n_positions": 96, "activation_function": "gelu_pytorch_tanh"}}))
     model, tok = make_base_model(base, ["prompt : [SEP] response :"] * 20 + texts)
     PretrainedDirDataset(filepath=str(root / "policy")).save(model)
     PretrainedDirDataset(filepath=str(root / "tokenizer"), load_class="transformers.AutoTokenizer").save(tok)
@@ -237,8 +237,7 @@ def test_one_refresh_raises_the_reward_models_gold_agreement_on_the_rounds_sampl
     PretrainedDirDataset(filepath=str(root / "refreshed")).save(model)
     refreshed = PretrainedDirDataset(filepath=str(root / "refreshed"),
                                      load_class="rpo_pipeline.reward_model.RewardModel").load()
-    rescored = rescore_round(labelled, refreshed, stats, PretrainedDirDataset(
-        filepath=str(root / "tokenizer"), load_class="transformers.AutoTokenizer").load(), params, rm_params)
+    rescored = rescore_round(labelled, refreshed, stats, params, rm_params)
     assert not np.allclose(rescored["reward"], labelled["reward"])
     np.testing.assert_allclose(rescored["target"], (rescored["reward"] - stats["mean"]) / stats["std"])
     used = count_gold_labels({"train_pairs": [{"value": 100, "step": 0}]}, params, all_pairs)

@@ -78,7 +78,7 @@ def test_inference_jobs_run_in_the_chosen_precision(tmp_path):
                     ).save_pretrained(path)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(2, 64, (int(n),), generator=g).tolist() for n in (12, 9, 15, 7)]
-    args = {"input_ids": seqs, "response_starts": [4, 3, 4, 2], "pad_id": 0, "batch_size": 2,
+    args = {"input_ids": seqs, "response_starts": [4, 3, 4, 2], "batch_size": 2,
             "progress": False}
     run = {prec: run_inference(InferenceJob("response_logps", str(path), "cpu", args, precision=prec))[0]
            for prec in ("fp32", "bf16")}
@@ -128,7 +128,7 @@ def _train(path, items, lengths, pad, precision):
 
     lm = AutoModelForCausalLM.from_pretrained(path)
     disable_dropout(lm)
-    res = train(ResponseLogps(lm), items, lengths, policy_collate(pad), preference_loss_fn("sigmoid", 0.1),
+    res = train(ResponseLogps(lm), items, lengths, policy_collate(), preference_loss_fn("sigmoid", 0.1),
                 train_config(steps=3, batch_size=4, lr=1e-2, precision=precision))
     return res.precision, torch.cat([p.detach().flatten() for p in lm.parameters()])
 
@@ -169,4 +169,4 @@ def test_benchmark_runs_trl_bf16_defaults_then_ours_in_fp32_in_one_process(tmp_p
     for name in ("defaults", "fp32"):
         assert bench.trl(path, tok, ds, 1, 2, bench.TRL_SETTINGS[name]) > 0
     for precision in ("fp32", "bf16"):
-        assert bench.ours(path, items, lengths, policy_collate(tok.pad_token_id), loss, 2, 4, precision) > 0
+        assert bench.ours(path, items, lengths, policy_collate(), loss, 2, 4, precision) > 0

@@ -99,15 +99,15 @@ def test_4bit_reward_model_on_llama_trains_only_lora_and_head(checkpoints, tmp_p
 
     from rpo_pipeline.losses import reward_pair_loss_fn
 
-    train(model, items, [10] * 16, pair_collate(tok.pad_token_id), reward_pair_loss_fn(),
+    train(model, items, [10] * 16, pair_collate(), reward_pair_loss_fn(),
           train_config(steps=3, batch_size=8, lr=1e-2, warmup_steps=0))
     assert any(not torch.equal(lora_b[n], p) for n, p in model.named_parameters() if "lora_B" in n)
     model.save_pretrained(str(tmp_path / "rm"))
     seqs = [i.chosen_input_ids for i in items[:4]]
     again = RewardModel.from_pretrained(str(tmp_path / "rm"))
     starts = [3] * len(seqs)
-    np.testing.assert_allclose(score(again, seqs, starts, tok.pad_token_id),
-                               score(model, seqs, starts, tok.pad_token_id), atol=1e-5)
+    np.testing.assert_allclose(score(again, seqs, starts),
+                               score(model, seqs, starts), atol=1e-5)
 
 
 TINY = {"reference.sft.steps": 3, "reference.sft.progress": False, "reference.device": "cpu",

@@ -21,12 +21,13 @@ from rpo_pipeline.params import BaseModelParams, ReferenceParams
 from rpo_pipeline.pipelines.reference.nodes import build_reference_cache, train_sft
 from rpo_pipeline.preference_groups import assign_splits, groups_to_pairs, ingest
 from rpo_pipeline.reference import response_logps, select_examples, sft_collate, sft_items
-from rpo_pipeline.scoring import ResponseLogps, shared_prefix_collate
+from rpo_pipeline.scoring import ResponseLogps, packed_collate
 from rpo_pipeline.text_format import format_groups, tokenize_examples
 from rpo_pipeline.training import evaluate, train
 
 TINY = BaseModelParams.parse(base_params("base_model", {
-    "tokenizer.vocab_size": 1024, "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}))
+    "tokenizer.vocab_size": 1024, "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128,
+              "activation_function": "gelu_pytorch_tanh"}}))
 DATA_PARAMS = base_params("data_processing", {"max_prompt_length": 48, "max_length": 96})
 REF_PARAMS = base_params("reference", {"device": "cpu", "sft.progress": False})
 
@@ -62,7 +63,7 @@ def test_sft_learns_on_held_out_data(data):
     model = ResponseLogps(copy.deepcopy(data["model"]))
     tr = select_examples(data["tokenized"], data["pairs"], ["train"])
     va = select_examples(data["tokenized"], data["pairs"], ["val"])
-    col = sft_collate(data["tok"].pad_token_id)
+    col = sft_collate()
     before = evaluate(model, *sft_items(va), col, sft_nll, 64)["loss"]
     res = train(model, *sft_items(tr), col, sft_nll,
                 train_config(steps=40, lr=3e-3, batch_size=16, warmup_steps=5, log_every=10))
@@ -92,9 +93,8 @@ def test_cached_logps_equal_fresh_with_any_batching(data):
     model = data["model"].eval()
     rows = data["tokenized"].head(40)
     ids, starts = rows["input_ids"].tolist(), rows["response_start"].tolist()
-    pad = data["tok"].pad_token_id
-    cached, n_cached = response_logps(model, ids, starts, pad, batch_size=16, progress=False)
-    single, _ = response_logps(model, ids, starts, pad, batch_size=1, progress=False)
+    cached, n_cached = response_logps(model, ids, starts, batch_size=16, progress=False)
+    single, _ = response_logps(model, ids, starts, batch_size=1, progress=False)
     # float32 per token: batch shapes change the kernels' rounding (~1e-7 of a ~150-nat sum)
     np.testing.assert_allclose(cached, single, rtol=1e-6, atol=1e-5)
     for i in range(40):
@@ -107,7 +107,7 @@ def test_prompt_response_boundary_token_is_scored(data):
     model = data["model"].eval()
     ids, start = list(data["tokenized"].iloc[0]["input_ids"]), int(data["tokenized"].iloc[0]["response_start"])
     with torch.no_grad():
-        total, n = ResponseLogps(model)(shared_prefix_collate([ids], [start], data["tok"].pad_token_id))
+        total, n = ResponseLogps(model)(packed_collate([ids], [start]))
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
     expected = sum(lp[t - 1, ids[t]].item() for t in range(start, len(ids)))
     without_first = expected - lp[start - 1, ids[start]].item()

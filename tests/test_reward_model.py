@@ -21,7 +21,8 @@ from rpo_pipeline.text_format import format_groups, tokenize_examples
 from rpo_pipeline.training import evaluate, train
 
 TINY = BaseModelParams.parse(base_params("base_model", {
-    "tokenizer.vocab_size": 1024, "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}}))
+    "tokenizer.vocab_size": 1024, "model": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128,
+              "activation_function": "gelu_pytorch_tanh"}}))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_backbone_is_4bit_and_only_lora_and_head_learn(setup):
     assert not any(m.weight.requires_grad for m in linear4)
 
     items, lengths = reward_pair_items(setup["tokenized"], setup["pairs"], "train")
-    train(model, items, lengths, pair_collate(setup["tok"].pad_token_id), reward_pair_loss_fn(),
+    train(model, items, lengths, pair_collate(), reward_pair_loss_fn(),
           train_config(steps=2, lr=1e-2, batch_size=8, warmup_steps=0))
     assert all(torch.equal(frozen[id(m)], m.weight.data) for m in linear4)
     changed = [n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(lora[n], p)]
@@ -75,7 +76,7 @@ def test_backbone_is_4bit_and_only_lora_and_head_learn(setup):
 
 def test_reward_model_learns_and_survives_save_load(setup, tmp_path):
     model = RewardModel.for_training(_config(setup), seed=1)
-    col, loss_fn = pair_collate(setup["tok"].pad_token_id), reward_pair_loss_fn()
+    col, loss_fn = pair_collate(), reward_pair_loss_fn()
     items, lengths = reward_pair_items(setup["tokenized"], setup["pairs"], "train")
     val, val_len = reward_pair_items(setup["tokenized"], setup["pairs"], "val")
     res = train(model, items, lengths, col, loss_fn,
@@ -90,8 +91,8 @@ def test_reward_model_learns_and_survives_save_load(setup, tmp_path):
     fresh = ds.load().load()
     seqs = [i.chosen_input_ids for i in val[:8]] + [i.rejected_input_ids for i in val[:8]]
     starts = [2] * len(seqs)
-    before = reward_model.score(model, seqs, starts, setup["tok"].pad_token_id)
-    after = reward_model.score(fresh, seqs, starts, setup["tok"].pad_token_id)
+    before = reward_model.score(model, seqs, starts)
+    after = reward_model.score(fresh, seqs, starts)
     np.testing.assert_allclose(after, before, atol=1e-4)  # adapter and head both restored
 
 
@@ -101,7 +102,7 @@ def test_logits_head_and_full_precision_variant(setup):
     assert model.head.in_features == len(setup["tok"])
     from rpo_pipeline.reward_model import RewardPair
 
-    batch = pair_collate(setup["tok"].pad_token_id)([RewardPair([5, 6, 7], [5, 6, 8, 9])])
+    batch = pair_collate()([RewardPair([5, 6, 7], [5, 6, 8, 9])])
     assert model(batch).shape == (2,)
     with pytest.raises(ValueError, match="head_input"):
         RewardModelConfig(backbone_path="x", head_input="pooled")
@@ -115,7 +116,7 @@ def test_full_finetune_trains_every_backbone_weight_and_survives_save_load(setup
     before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
     assert all(p.requires_grad for p in model.parameters())
     items, lengths = reward_pair_items(setup["tokenized"], setup["pairs"], "train")
-    train(model, items, lengths, pair_collate(setup["tok"].pad_token_id), reward_pair_loss_fn(),
+    train(model, items, lengths, pair_collate(), reward_pair_loss_fn(),
           train_config(steps=3, lr=1e-3, batch_size=8, warmup_steps=0))
     moved = [n for n, p in model.backbone.named_parameters() if not torch.equal(before[n], p)]
     assert any("h.0.attn.c_attn" in n for n in moved) and any("wte" in n for n in moved)
@@ -123,12 +124,11 @@ def test_full_finetune_trains_every_backbone_weight_and_survives_save_load(setup
     ds.save(model)
     assert (tmp_path / "rm" / "model.safetensors").exists()
     seqs = [i.chosen_input_ids for i in items[:6]]
-    want = reward_model.score(model, seqs, [2] * 6, setup["tok"].pad_token_id)
-    np.testing.assert_allclose(reward_model.score(ds.load().load(), seqs, [2] * 6,
-                                                  setup["tok"].pad_token_id), want, atol=1e-5)
+    want = reward_model.score(model, seqs, [2] * 6)
+    np.testing.assert_allclose(reward_model.score(ds.load().load(), seqs, [2] * 6), want, atol=1e-5)
     again = RewardModel.continue_training(str(tmp_path / "rm"))
     assert all(p.requires_grad for p in again.parameters())
-    np.testing.assert_allclose(reward_model.score(again, seqs, [2] * 6, setup["tok"].pad_token_id),
+    np.testing.assert_allclose(reward_model.score(again, seqs, [2] * 6),
                                want, atol=1e-5)
     with pytest.raises(ValueError, match="needs load_in_4bit false and members 1"):
         RewardModelConfig(backbone_path="x", finetune="full")
@@ -181,18 +181,18 @@ def test_ensemble_of_two_scores_with_a_spread_and_min_below_mean(setup, tmp_path
     params = base_params("reward_model", {"device": "cpu", "comparisons": "pairs", "ensemble.members": 2,
                                           "train.steps": 4, "train.lr": 1e-2, "train.warmup_steps": 0,
                                           "train.batch_size": 8, "train.progress": False})
-    job = RewardModelJob(model.config, setup["tok"].pad_token_id, params, Split(items, lengths))
+    job = RewardModelJob(model.config, params, Split(items, lengths))
     model, result, _ = fit_reward_model(job, model)  # one member after another, each its resample
     moved = {n.split(".")[-2] for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(lora[n], p)}
     assert moved == {"default", "member_1"}, moved
     assert model.member is None and len(result.history["loss"]) == 1  # member 0's curve, 4 steps
     seqs = [i.chosen_input_ids for i in items[:16]]
     starts = [i.chosen_response_start for i in items[:16]]
-    members = reward_model.score(model, seqs, starts, setup["tok"].pad_token_id)
+    members = reward_model.score(model, seqs, starts)
     model.save_pretrained(str(tmp_path / "ens"))
     assert (tmp_path / "ens" / "member_1" / "adapter_model.safetensors").exists()
     again = RewardModel.from_pretrained(str(tmp_path / "ens"))
-    np.testing.assert_allclose(reward_model.score(again, seqs, starts, setup["tok"].pad_token_id), members,
+    np.testing.assert_allclose(reward_model.score(again, seqs, starts), members,
                                atol=1e-4)
     assert members.shape == (16, 2)
     mean, std = reward_model.ensemble_reward(members, "mean")
@@ -216,17 +216,16 @@ def test_mean_pooling_averages_the_response_states_in_every_batch_layout(setup):
         for s, k in zip(seqs, starts, strict=True):
             h = decoder(input_ids=torch.tensor([s])).last_hidden_state[0]
             want.append(model.head(h[k:].mean(0)).item())
-        rows = reward_model.score(model, seqs, starts, setup["tok"].pad_token_id)[:, 0]
-        shared = reward_model.score(model, seqs, starts, setup["tok"].pad_token_id, share_prefix=True)[:, 0]
-        pair = model(pair_collate(setup["tok"].pad_token_id, share_prefix=True)(
-            [RewardPair(seqs[0], seqs[1], 0.0, 3, 3)]))
-    np.testing.assert_allclose(rows, want, atol=1e-5)
+        shared = reward_model.score(model, seqs, starts)[:, 0]
+        single = reward_model.score(model, seqs, starts, batch_size=1)[:, 0]
+        pair = model(pair_collate()([RewardPair(seqs[0], seqs[1], 0.0, 3, 3)]))
     np.testing.assert_allclose(shared, want, atol=1e-5)
+    np.testing.assert_allclose(single, want, atol=1e-5)
     np.testing.assert_allclose(pair.numpy(), want[:2], atol=1e-5)
     last = RewardModel(model.backbone, RewardModelConfig(backbone_path="x"), model.head).eval()
     with torch.no_grad():
         h = decoder(input_ids=torch.tensor([seqs[0]])).last_hidden_state[0]
-        assert reward_model.score(last, seqs[:1], starts[:1], 0)[0, 0] == pytest.approx(
+        assert reward_model.score(last, seqs[:1], starts[:1])[0, 0] == pytest.approx(
             model.head(h[-1]).item(), abs=1e-5)
 
 

@@ -1,6 +1,7 @@
-"""Prefix sharing and logits at response positions equal the plain padded forward (fp32, 1e-5):
-summed log-probs, a loss built on them, and every gradient; GPT-2 and Llama; padding, responses
-of different lengths, groups of 2 and 4, rows that share no prompt."""
+"""The packed layout (each prompt once in one sequence, logits at response positions only) equals
+the plain padded forward (fp32, 1e-5): summed log-probs, a loss built on them, and every gradient;
+GPT-2 and Llama; responses of different lengths, groups of 2 and 4, rows that share no prompt, a
+single sequence, one sequence longer than all the others; and the reward model's features."""
 
 from __future__ import annotations
 
@@ -9,13 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rpo_pipeline.batching import collate
-from rpo_pipeline.scoring import (
-    ResponseLogps,
-    batch_response_logps,
-    shared_prefix_collate,
-    target_logps,
-)
+from rpo_pipeline.scoring import ResponseLogps, batch_response_logps, packed_collate, target_logps
 
 VOCAB, PAD = 50, 0
 
@@ -66,21 +61,22 @@ def _pair_order(seqs, k):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("k,order", [(2, "pairs"), (4, "groups")])
-@pytest.mark.parametrize("layout", ["shared", "rows", "rows_full_logits"])
-def test_sliced_logits_equal_plain_forward_in_value_and_every_gradient(arch, k, order, layout):
-    """``shared``: each prompt once (KV cache); ``rows``: whole rows. Both: LM head at scored
-    positions only. Reference: full logits at every position."""
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_packed_batch_equals_padded_forward_in_value_and_every_gradient(arch, k, order, share_prompt):
+    """One packed sequence (each prompt once, or one segment per row), the LM head at scored
+    positions only, equals full logits over right-padded rows: DPO pairs (chosen rows first) and
+    RPO groups of 2 and 4, plus a row that shares its prompt with no other."""
     lm = _models()[arch]
     seqs, starts = _groups(1, 5, k)
     if order == "pairs":
         seqs, starts = _pair_order(seqs, k), _pair_order(starts, k)
     seqs.append([7, 8, 9, 10])  # a row that shares its prompt with no other row
     starts.append(3)
-    if layout == "shared":
-        batch = shared_prefix_collate(seqs, starts, PAD)
-        assert batch["prompt_ids"].shape[0] == 6  # 5 shared prompts + 1
-    else:
-        batch = collate(seqs, starts, PAD)
+    batch = packed_collate(seqs, starts, share_prompt)
+    assert batch["segment_index"].shape[0] == (6 if share_prompt else len(seqs))
+    prompts = [tuple(x[:max(s, 1)]) for x, s in zip(seqs, starts, strict=True)]
+    responses = sum(len(x) - len(q) for x, q in zip(seqs, prompts, strict=True))
+    assert batch["packed_ids"].shape[1] == responses + sum(map(len, set(prompts) if share_prompt else prompts))
     w = torch.linspace(-1, 1, len(seqs), dtype=torch.float64)
 
     lm.zero_grad()
@@ -89,7 +85,7 @@ def test_sliced_logits_equal_plain_forward_in_value_and_every_gradient(arch, k, 
     ref_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
 
     lm.zero_grad()
-    got, got_n = ResponseLogps(lm, full_logits=layout == "rows_full_logits")(batch)
+    got, got_n = ResponseLogps(lm)(batch)
     (F.logsigmoid(w * got / 10).sum()).backward()
 
     assert torch.equal(got_n, ref_n)
@@ -100,20 +96,56 @@ def test_sliced_logits_equal_plain_forward_in_value_and_every_gradient(arch, k, 
     assert sum(g.abs().sum() for g in ref_grads.values()) > 0
 
 
-def test_collate_keeps_row_order_and_stores_each_prompt_once():
-    b = shared_prefix_collate([[5, 6, 7], [5, 6, 8, 9], [4, 6, 7]], [2, 2, 2], PAD)
-    assert b["prompt_index"].tolist() == [0, 0, 1]
-    assert b["prompt_ids"].tolist() == [[5, 6], [4, 6]]
-    assert b["response_ids"].tolist() == [[7, PAD], [8, 9], [7, PAD]]
-    assert b["response_attention_mask"].tolist() == [[1, 0], [1, 1], [1, 0]]
-    left = shared_prefix_collate([[1, 2, 3, 4], [9, 5]], [3, 1], PAD)
-    assert left["prompt_ids"].tolist() == [[1, 2, 3], [PAD, PAD, 9]]  # left-padded
-    assert left["prompt_attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_single_sequence_and_one_longer_than_the_rest_together(arch):
+    """A batch of one sequence; and one segment longer than all the others together (most of the
+    batch's tokens, the rest padding in attention only)."""
+    lm = _models()[arch]
+    long = list(range(1, 40)) + list(range(1, 9))
+    for seqs, starts in (([[3, 4, 5, 6, 7]], [2]), ([long, [5, 6, 7], [9, 8]], [6, 1, 1])):
+        batch = packed_collate(seqs, starts)
+        assert batch["packed_ids"].shape[1] == sum(len(x) for x in seqs)  # no padding token
+        lm.zero_grad()
+        ref, ref_n = _plain(lm, seqs, starts)
+        ref.sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+        lm.zero_grad()
+        got, got_n = ResponseLogps(lm)(batch)
+        got.sum().backward()
+        assert torch.equal(got_n, ref_n)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-6)
+        for n, p in lm.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_packed_layout_positions_and_masks():
+    """Each response's positions continue from its prompt; a response sees its prompt and its own
+    earlier tokens, never another response or segment."""
+    b = packed_collate([[5, 6, 7], [5, 6, 8, 9], [4, 6, 7]], [2, 2, 2])
+    assert b["packed_ids"].tolist() == [[5, 6, 7, 8, 9, 4, 6, 7]]
+    assert b["packed_positions"].tolist() == [[0, 1, 2, 2, 3, 0, 1, 2]]
+    assert b["segment_index"].tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 8]]  # 8: padding
+    mask = b["segment_mask"][0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
+    assert b["segment_mask"][1, 0, 3:, 3:].int().tolist() == [[1, 0], [0, 1]]  # padding sees itself
+    # token 7 of row 0 is predicted from position 1 (the prompt's last), 8 from 1, 9 from 3
+    assert b["score_from"].tolist() == [1, 1, 3, 6]
+    assert b["score_target"].tolist() == [7, 8, 9, 7] and b["score_row"].tolist() == [0, 1, 1, 2]
+    assert b["last_at"].tolist() == [2, 4, 7]
     lm = _models()["gpt2"]
-    for batch in (shared_prefix_collate([[1, 2], [1, 2, 3]], [2, 2], PAD),
-                  collate([[1, 2], [1, 2, 3]], [2, 2], PAD)):
-        logp, n = batch_response_logps(lm, batch)
-        assert n.tolist() == [0, 1] and logp[0] == 0 and logp[1] < 0  # no response token: 0
+    logp, n = batch_response_logps(lm, packed_collate([[1, 2], [1, 2, 3]], [2, 2]))
+    assert n.tolist() == [0, 1] and logp[0] == 0 and logp[1] < 0  # no response token: 0
+
+
+def test_packed_attention_leaves_other_calls_to_sdpa():
+    """A model switched to the packed attention generates as before (no segment arguments)."""
+    lm = _models()["gpt2"].eval()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+        ResponseLogps(lm)(packed_collate([[3, 4, 5, 6]], [2]))
+        assert lm.config._attn_implementation == "rpo_packed"
+        torch.testing.assert_close(lm(input_ids=ids).logits, before)
 
 
 def test_chunked_target_logps_equal_unchunked_with_gradients():
@@ -135,30 +167,26 @@ def test_logit_softcapping_models_are_refused():
     lm = _models()["gpt2"]
     lm.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        batch_response_logps(lm, shared_prefix_collate([[1, 2, 3]], [1], PAD))
+        batch_response_logps(lm, packed_collate([[1, 2, 3]], [1]))
 
 
 @pytest.mark.parametrize("head_input", ["hidden", "logits"])
-@pytest.mark.parametrize("share", [True, False])
-def test_reward_model_batches_equal_one_forward_per_sequence(tmp_path, head_input, share):
-    """Rewards (and gradients) of pairs split at their common prefix (``share``), or of whole
-    left-padded rows, equal the last-token reward of one plain forward per sequence
-    (full-precision backbone, so exact to float rounding)."""
-    from rpo_pipeline.reward_model import (
-        RewardModel,
-        RewardModelConfig,
-        RewardPair,
-        common_prefix,
-        pair_collate,
-    )
+@pytest.mark.parametrize("starts", ["prompt", "whole"])
+def test_reward_model_packed_batches_equal_one_forward_per_sequence(tmp_path, head_input, starts):
+    """Rewards (and gradients) of packed pairs (the prompt once; ``whole``: responses from token 0,
+    so only the first token is shared) equal the last-token reward of one plain forward per
+    sequence (full-precision backbone, so exact to float rounding)."""
+    from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, RewardPair, pair_collate
 
     _models()["gpt2"].save_pretrained(tmp_path / "lm")
     rm = RewardModel.for_training(RewardModelConfig(backbone_path=str(tmp_path / "lm"),
                                                     load_in_4bit=False, head_input=head_input,
                                                     lora_r=4, lora_alpha=8), seed=0)
-    seqs, _ = _groups(3, 4, 2)
-    items = [RewardPair(seqs[2 * i], seqs[2 * i + 1]) for i in range(4)] + [RewardPair([3, 4, 5], [3, 4, 5, 6])]
-    assert common_prefix([3, 4, 5], [3, 4, 5, 6]) == 2  # each keeps a token of its own
+    seqs, st = _groups(3, 4, 2)
+    if starts == "whole":
+        st = [0] * len(st)
+    items = [RewardPair(seqs[2 * i], seqs[2 * i + 1], 0.0, st[2 * i], st[2 * i + 1]) for i in range(4)]
+    items.append(RewardPair([3, 4, 5], [3, 4, 5, 6]))
 
     def plain(x):
         out = rm.backbone(input_ids=torch.tensor([x]), output_hidden_states=True, use_cache=False)
@@ -170,7 +198,7 @@ def test_reward_model_batches_equal_one_forward_per_sequence(tmp_path, head_inpu
     ref.square().sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
     rm.zero_grad()
-    got = rm(pair_collate(PAD, share_prefix=share)(items))
+    got = rm(pair_collate()(items))
     got.square().sum().backward()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert len(ref_grads) > 4  # LoRA and head

@@ -87,18 +87,18 @@ def test_non_finite_gradient_skips_the_optimizer_step(bad):
 
     def loss_fn(m, batch):
         seen["calls"] += 1
-        loss = -torch.log_softmax(m.logits[batch["input_ids"]], -1).mean()
+        loss = -torch.log_softmax(m.logits[batch["packed_ids"]], -1).mean()
         if seen["calls"] == 3:  # a finite loss whose gradient is nan or inf
             seen["before"] = m.logits.detach().clone()
             x = m.logits * 1.0
             x.register_hook(lambda g: torch.full_like(g, float(bad)))
-            return -torch.log_softmax(x[batch["input_ids"]], -1).mean(), {}
+            return -torch.log_softmax(x[batch["packed_ids"]], -1).mean(), {}
         return loss, {}
 
     from rpo_pipeline.reference import sft_collate
 
     with pytest.raises(FloatingPointError, match=r"gradient norm is (nan|inf) at step 3"):
-        train(model, items, [4] * 8, sft_collate(0), loss_fn, train_config(steps=5, batch_size=2, lr=0.1))
+        train(model, items, [4] * 8, sft_collate(), loss_fn, train_config(steps=5, batch_size=2, lr=0.1))
     assert torch.equal(model.logits.detach(), seen["before"])
 
 
@@ -110,12 +110,12 @@ def test_snapshots_are_the_weights_after_their_steps():
     items = [SftExample([1, 2, 3, 4], 1), SftExample([4, 3, 2, 1], 1)] * 4
 
     def loss_fn(m, batch):
-        return -torch.log_softmax(m.logits[batch["input_ids"]], -1).mean(), {}
+        return -torch.log_softmax(m.logits[batch["packed_ids"]], -1).mean(), {}
 
     def run(steps: int, snapshot_steps=()):
         torch.manual_seed(0)
         model = TableLM()
-        result = train(model, items, [4] * 8, sft_collate(0), loss_fn,
+        result = train(model, items, [4] * 8, sft_collate(), loss_fn,
                        train_config(steps=steps, batch_size=2, lr=0.1, schedule="constant",
                                     warmup_steps=0), snapshot_steps=snapshot_steps,
                        snapshot_fn=lambda m: m.logits.detach().clone())
@@ -135,13 +135,13 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_weights():
     items = [SftExample([1, 2, 3, 4], 1), SftExample([4, 3, 2, 1], 1)] * 4
 
     def loss_fn(m, batch):
-        return -torch.log_softmax(m.logits[batch["input_ids"]], -1).mean(), {}
+        return -torch.log_softmax(m.logits[batch["packed_ids"]], -1).mean(), {}
 
     def run(steps: int, patience: int = 0):
         torch.manual_seed(0)
         model = TableLM()
         scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0, 0.5])
-        result = train(model, items, [4] * 8, sft_collate(0), loss_fn,
+        result = train(model, items, [4] * 8, sft_collate(), loss_fn,
                        train_config(steps=steps, batch_size=2, lr=0.1, schedule="constant",
                                     warmup_steps=0, eval_every=1, patience=patience),
                        eval_fn=lambda m: {"loss": next(scripted)})
@@ -154,3 +154,38 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_weights():
     assert not torch.equal(kept, run(4)[0])
     _, full = run(5)  # patience 0: every step runs
     assert full.steps == 5 and full.best_step is None
+
+
+def test_token_budget_cuts_batches_by_packed_tokens_and_trains():
+    """``max_tokens_per_batch``: every batch holds at most ``batch_size`` items and at most the
+    budget in tokens (an item above it alone), every item is used once per epoch; and ``train``
+    sizes items by their packed tokens."""
+    import numpy as np
+
+    from rpo_pipeline.batching import length_bucketed_batches
+    from rpo_pipeline.reference import sft_collate
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 40, 300).tolist() + [90]  # the last item is above the budget
+    for shuffle in (True, False):
+        batches = length_bucketed_batches(tokens, 8, seed=0, shuffle=shuffle, tokens=tokens,
+                                          max_tokens=64)
+        assert sorted(i for b in batches for i in b) == list(range(len(tokens)))
+        assert all(len(b) <= 8 for b in batches)
+        assert all(sum(tokens[i] for i in b) <= 64 or len(b) == 1 for b in batches)
+        assert [300] in batches  # the long item trains alone
+        assert len(batches) < len(tokens) / 2  # items share batches
+    plain = length_bucketed_batches(tokens, 8, seed=0)
+    assert sorted(len(b) for b in plain) == [5] + [8] * 37  # no budget: batch_size items
+
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(batch["packed_ids"].shape[1])
+        return -torch.log_softmax(m.logits[batch["packed_ids"]], -1).mean(), {}
+
+    items = [SftExample([1, 2, 3, 4], 1), SftExample([4, 3, 2, 1, 5, 1], 1), SftExample([2] * 12, 2)] * 4
+    torch.manual_seed(0)
+    train(TableLM(), items, [len(i.input_ids) for i in items], sft_collate(), loss_fn,
+          train_config(steps=6, batch_size=8, max_tokens_per_batch=13))
+    assert max(seen) <= 13 and min(seen) >= 4 and len(set(seen)) > 1

@@ -44,7 +44,7 @@ def main(out: str, steps: int, resume: bool, nan_at: int = 0, what: str = "loss"
     cfg = train_config(steps=steps, lr=3e-3, batch_size=8, grad_accum=2, warmup_steps=3,
                        log_every=5, checkpoint_every=2, checkpoint_dir=str(Path(out) / "ckpt"),
                        resume=resume)
-    train(ResponseLogps(model), items, [len(i.input_ids) for i in items], sft_collate(0), loss_fn, cfg)
+    train(ResponseLogps(model), items, [len(i.input_ids) for i in items], sft_collate(), loss_fn, cfg)
     torch.save(model.state_dict(), Path(out) / "final.pt")
 
 

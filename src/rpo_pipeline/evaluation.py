@@ -100,13 +100,13 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: Samp
 
 @torch.inference_mode()
 def completion_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
-                      completions: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64,
+                      completions: Sequence[Sequence[int]], batch_size: int = 64,
                       device: str = "auto", progress: bool = False) -> np.ndarray:
     """log π(y|x) summed over the completion tokens, for each (prompt, completion)."""
     from rpo_pipeline.reference import response_logps
 
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
-    logp, _ = response_logps(model, seqs, [len(p) for p in prompts], pad_id, batch_size, device,
+    logp, _ = response_logps(model, seqs, [len(p) for p in prompts], batch_size, device,
                               progress=progress)
     return logp
 

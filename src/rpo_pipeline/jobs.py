@@ -47,7 +47,6 @@ class PolicyJob:
 
     method: str  # dpo | rpo | rpo_online (one round)
     model_path: str  # π_SFT (save_pretrained directory)
-    pad_id: int
     params: dict[str, Any]
     train: Split
     val: Split  # DPO: val pairs; RPO: val groups
@@ -58,7 +57,6 @@ class PolicyJob:
 @dataclass
 class RewardModelJob:
     config: Any  # reward_model.RewardModelConfig
-    pad_id: int
     params: dict[str, Any]  # reward_model parameters
     train: Split
     evals: dict[str, Split] = field(default_factory=dict)  # val / test pairs, scored after training
@@ -68,7 +66,6 @@ class RewardModelJob:
 @dataclass
 class SftJob:
     model_path: str
-    pad_id: int
     params: dict[str, Any]  # the reference parameters
     train: Split
     val: Split
@@ -111,14 +108,14 @@ def fit_policy(job: PolicyJob, model: torch.nn.Module | None = None
     cfg = _config(p.train.model_dump(), p.device)
     if job.method == "dpo":
         loss_fn = preference_loss_fn(p.loss, p.beta, p.label_smoothing, p.sft_weight)
-        collate = policy_collate(job.pad_id)
+        collate = policy_collate()
         batch = 2 * p.train.batch_size
 
         def eval_fn(m):
             return evaluate(m, job.val.items, job.val.lengths, collate, loss_fn, batch, p.device)
     else:
         loss_fn = reward_aware_loss_fn(p.distance, p.beta, p.eta, p.average_logps, p.sft_weight)
-        collate, pair_collate_fn = group_collate(job.pad_id), policy_collate(job.pad_id)
+        collate, pair_collate_fn = group_collate(), policy_collate()
         pair_metrics = preference_loss_fn("sigmoid", p.beta)
         batch = p.train.batch_size
         gold = job.val_pairs
@@ -166,10 +163,10 @@ def fit_reward_model(job: RewardModelJob, model: torch.nn.Module | None = None
         model = RewardModel.for_training(job.config, seed=cfg.seed, device=p.device)
     if p.disable_dropout:
         disable_dropout(model)
-    collate = pair_collate(job.pad_id)
+    collate = pair_collate()
     loss_fn = reward_pair_loss_fn(p.center_coef)
     if any(isinstance(i, RewardGroup) for i in job.train.items):  # whole groups (or with pairs)
-        train_collate, train_loss = group_collate(job.pad_id), reward_group_loss_fn(p.center_coef)
+        train_collate, train_loss = group_collate(), reward_group_loss_fn(p.center_coef)
     else:
         train_collate, train_loss = collate, loss_fn
     members = model.config.members
@@ -206,9 +203,9 @@ def fit_sft(job: SftJob, model: torch.nn.Module | None = None
     p = ReferenceParams.model_validate(job.params)
     cfg = _config(p.sft.model_dump(exclude={"responses"}), p.device)
     model = model if model is not None else _load_lm(job.model_path)
-    collate = sft_collate(job.pad_id)
+    collate = sft_collate()
     # whole rows, full logits: SFT weights bit-identical to before issue 13 (see ``scoring``)
-    scorer = ResponseLogps(model, full_logits=True)
+    scorer = ResponseLogps(model)
 
     def val_loss(m: torch.nn.Module) -> dict[str, float]:
         return evaluate(m, job.val.items, job.val.lengths, collate, sft_nll,

@@ -2,7 +2,7 @@
 
 Kedro-free. For the policy losses and SFT, ``model`` is a ``scoring.ResponseLogps`` (one forward
 gives each row's summed response log-prob and token count) and batches come from
-``scoring.shared_prefix_collate``; for the reward model it is a ``reward_model.RewardModel``.
+``scoring.packed_collate``; for the reward model it is a ``reward_model.RewardModel``.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
             format_groups(groups, fmt["template"], fmt["use_chat_template"], tok), tok,
             fmt["max_prompt_length"], fmt["max_length"], chat_template=fmt["use_chat_template"])
         members = score(self.model, examples["input_ids"].map(list).tolist(),
-                       examples["response_start"].tolist(), tok.pad_token_id,
+                       examples["response_start"].tolist(),
                        batch_size=int((params or {}).get("batch_size", self.config["batch_size"])))
         mean, std = ensemble_reward(members)
         return pd.DataFrame({"score": mean, "score_std": std})

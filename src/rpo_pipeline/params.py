@@ -91,6 +91,7 @@ class TrainParams(Schema):
 
     steps: NonNegInt
     batch_size: PosInt
+    max_tokens_per_batch: PosInt | None  # also at most this many packed tokens per batch
     grad_accum: PosInt
     lr: PosFloat
     warmup_steps: NonNegInt
@@ -175,6 +176,7 @@ class BuiltinModelParams(Schema):
     n_embd: PosInt
     n_head: PosInt
     n_positions: PosInt
+    activation_function: Literal["gelu_pytorch_tanh", "gelu_new", "gelu", "relu", "silu"]
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> BuiltinModelParams:

@@ -12,8 +12,7 @@ from typing import NamedTuple
 import pandas as pd
 import torch
 
-from rpo_pipeline.batching import collate
-from rpo_pipeline.scoring import shared_prefix_collate
+from rpo_pipeline.scoring import packed_collate
 
 KEY = ["group_id", "response_index"]
 
@@ -73,13 +72,14 @@ def preference_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd
     return items, lengths
 
 
-def policy_collate(pad_id: int, share_prefix: bool = True):
-    """``PreferencePair`` items -> one batch (each prompt once): chosen rows, then rejected.
-    ``share_prefix=False``: one whole row per sequence instead (the unshared computation)."""
+def policy_collate(share_prompt: bool = True):
+    """``PreferencePair`` items -> one packed batch (``scoring.packed_collate``: each pair one
+    segment, prompt + chosen + rejected): chosen rows, then rejected. ``share_prompt=False``: one
+    segment per row instead (the unshared computation)."""
     def fn(items: Sequence[PreferencePair]) -> dict[str, torch.Tensor]:
         seqs = [i.chosen_input_ids for i in items] + [i.rejected_input_ids for i in items]
         starts = [i.chosen_response_start for i in items] + [i.rejected_response_start for i in items]
-        batch = (shared_prefix_collate if share_prefix else collate)(seqs, starts, pad_id)
+        batch = packed_collate(seqs, starts, share_prompt)
         batch["ref_logps"] = torch.tensor([i.ref_chosen_logps for i in items]
                                           + [i.ref_rejected_logps for i in items], dtype=torch.float64)
         return batch
@@ -144,14 +144,14 @@ def group_items(tokenized: pd.DataFrame, reference: pd.DataFrame, targets: pd.Da
     return items, [max(len(x) for x in it.input_ids) for it in items]
 
 
-def group_collate(pad_id: int, share_prefix: bool = True):
-    """``ResponseGroup`` items -> one batch of B·K rows (each prompt once), group-major,
-    ``group_size`` = K. ``share_prefix=False``: one whole row per sequence instead (the unshared
-    computation)."""
+def group_collate(share_prompt: bool = True):
+    """``ResponseGroup`` items -> one packed batch of B·K rows (each group one segment: prompt +
+    its K responses), group-major, ``group_size`` = K. ``share_prompt=False``: one segment per row
+    instead (the unshared computation)."""
     def fn(items: Sequence[ResponseGroup]) -> dict[str, torch.Tensor]:
         seqs = [s for it in items for s in it.input_ids]
         starts = [s for it in items for s in it.response_starts]
-        batch = (shared_prefix_collate if share_prefix else collate)(seqs, starts, pad_id)
+        batch = packed_collate(seqs, starts, share_prompt)
         batch["ref_logps"] = torch.tensor([r for it in items for r in it.ref_logps], dtype=torch.float64)
         batch["targets"] = torch.tensor([r for it in items for r in it.target_rewards],
                                         dtype=torch.float64)

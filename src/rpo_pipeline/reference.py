@@ -13,8 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rpo_pipeline.batching import collate
-from rpo_pipeline.scoring import ResponseLogps, scoring_batches, shared_prefix_collate
+from rpo_pipeline.scoring import ResponseLogps, packed_collate, scoring_batches
 from rpo_pipeline.training import local_device, to_device, world
 
 # Bump when the log-prob computation changes meaning; it is part of the cache fingerprint.
@@ -50,21 +49,21 @@ def sft_items(rows: pd.DataFrame) -> tuple[list[SftExample], list[int]]:
     return items, rows["length"].tolist()
 
 
-def sft_collate(pad_id: int):
-    """``SftExample`` items -> one batch, one whole row each: SFT items rarely share a prompt
-    within a batch, and a whole-row forward draws the dropout masks SFT has always drawn."""
+def sft_collate():
+    """``SftExample`` items -> one packed batch (``scoring.packed_collate``; rows with the same
+    prompt share it)."""
     def fn(items: Sequence[SftExample]) -> dict[str, torch.Tensor]:
-        return collate([i.input_ids for i in items], [i.response_start for i in items], pad_id)
+        return packed_collate([i.input_ids for i in items], [i.response_start for i in items])
     return fn
 
 
 @torch.inference_mode()
 def response_logps(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
-                    response_starts: Sequence[int], pad_id: int, batch_size: int = 64,
+                    response_starts: Sequence[int], batch_size: int = 64,
                     device: str = "auto", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-prob and response token count of every sequence, in input order.
 
-    Rows that share a prompt go in one batch and the prompt runs once (``scoring``); float32 on
+    Rows that share a prompt go in one batch and the prompt runs once (``scoring``, packed); float32 on
     the given device, or in the caller's autocast (``jobs.run_inference``). In a process group each
     rank computes every N-th batch (zeros elsewhere): the batches, and so the values, are those of
     one process, and summing the ranks' arrays gives its table exactly.
@@ -76,8 +75,7 @@ def response_logps(model: torch.nn.Module, input_ids: Sequence[Sequence[int]],
     rank, size = world()
     batches = scoring_batches(input_ids, response_starts, batch_size)[rank::size]
     for idx in tqdm(batches, desc="reference log-probs", disable=not progress, dynamic_ncols=True):
-        batch = shared_prefix_collate([input_ids[i] for i in idx],
-                                      [response_starts[i] for i in idx], pad_id)
+        batch = packed_collate([input_ids[i] for i in idx], [response_starts[i] for i in idx])
         s, n = scorer(to_device(batch, dev))
         logp[idx] = s.float().cpu().numpy()
         count[idx] = n.cpu().numpy()

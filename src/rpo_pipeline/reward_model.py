@@ -1,11 +1,9 @@
 """Reward model: a causal-LM backbone in 4-bit NF4 (bitsandbytes) with LoRA (peft) and a scalar head.
 
-Kedro-free. The head reads the final hidden state at each sequence's last token (``head_input:
-hidden``) or the vocabulary logits there (``head_input: logits``, the seed's variant). Batches are
-whole left-padded rows (``batching.collate``), or with ``share_prefix`` come from
-``scoring.shared_prefix_collate``: a chosen and a rejected response (and the responses of one
-prompt when scoring) run their common prefix once; the reward depends on the last token's state
-only, so where the sequences are split does not change it.
+Kedro-free. The head reads the final hidden state at each sequence's last token, or the mean over its
+response tokens (``pooling``), or the vocabulary logits there (``head_input: logits``). Batches are
+``scoring.packed_collate``'s: the responses of one prompt (a pair, a group) run in one sequence with
+the prompt once, as in every other scoring path.
 
 Saved with ``save_pretrained``: the LoRA adapter (peft, safetensors), ``reward_head.safetensors``
 and ``reward_model.json`` (backbone path, quantization, head input). Note: once a 4-bit model ran
@@ -30,13 +28,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from rpo_pipeline.base_model import lora_target_modules
-from rpo_pipeline.batching import collate, length_bucketed_batches
-from rpo_pipeline.scoring import response_states, scoring_batches, shared_prefix_collate
+from rpo_pipeline.scoring import packed_collate, packed_states, scoring_batches
 
-# Prefix sharing in the reward model: off. Measured on the default data (4-bit tiny GPT-2, 2-core
-# CPU, alternated, median of 3): training 0.92x, scoring 1.03x the speed of whole left-padded rows;
-# the rows also keep the scores of before issue 13 exactly. ``share_prefix=True`` is tested equal.
-SHARE_PREFIX = False
 HEAD_FILE, CONFIG_FILE = "reward_head.safetensors", "reward_model.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -187,30 +180,18 @@ class RewardModel(torch.nn.Module):
 
     def _rewards(self, batch: dict[str, torch.Tensor], member: int | None = None) -> torch.Tensor:
         """Rewards, shape (N,), of the active adapter (head row ``member``; every row if None)
-        for a left-padded ``batching.collate`` batch (whole rows: the last position of every row
-        is its last token; ``response_mask`` marks the response) or a ``shared_prefix_collate``
-        batch. A row without response tokens reads its last token."""
-        if "input_ids" in batch:
-            states = self.backbone.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-            mask = batch["response_mask"]
-            last = torch.zeros_like(mask)
-            last[:, -1] = True
-            mask = torch.where(mask.any(-1, keepdim=True), mask, last)
-        else:
-            before, states = response_states(self.backbone.get_decoder(), batch)
-            mask = batch["response_attention_mask"].bool()
-            # a row with no response token reads the prompt's last state
-            empty = ~mask.any(-1)
-            states = torch.where(empty[:, None, None], before, states)
-            mask = mask | (empty[:, None] & (torch.arange(mask.shape[1], device=mask.device) == 0))
+        for a ``scoring.packed_collate`` batch: the features are the final state at each row's last
+        token, or (``pooling: mean``) the mean over its response tokens. A row without response
+        tokens reads its last token."""
+        states = packed_states(self.backbone.get_decoder(), batch)
+        last = states[batch["last_at"]]
         if self.config.pooling == "mean":
-            w = mask.unsqueeze(-1).to(states.dtype)
-            feats = (states * w).sum(1) / w.sum(1)
+            rows, n = batch["response_row"], int(batch["n_rows"])
+            total = states.new_zeros(n, states.shape[-1]).index_add(0, rows, states[batch["response_at"]])
+            count = states.new_zeros(n).index_add(0, rows, states.new_ones(rows.shape[0]))
+            feats = torch.where(count[:, None] > 0, total / count.clamp(min=1)[:, None], last)
         else:
-            last = mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)  # each row's last marked token
-            feats = states[torch.arange(states.shape[0], device=states.device), last]
+            feats = last
         if self.config.head_input == "logits":
             feats = self.backbone.get_output_embeddings()(feats)
         if member is not None:
@@ -277,16 +258,6 @@ def _load_adapters(backbone: torch.nn.Module, path: str, members: int, trainable
     for name in member_adapters(members)[1:]:
         model.load_adapter(str(Path(path) / name), adapter_name=name, is_trainable=trainable)
     return model
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences, leaving each at least one
-    token of its own (the token whose state the head reads)."""
-    n = min(len(a), len(b)) - 1
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class RewardPair(NamedTuple):
@@ -380,9 +351,9 @@ def reward_group_items(tokenized: pd.DataFrame, groups: pd.DataFrame, split: str
     return items, [max(len(x) for x in i.input_ids) for i in items]
 
 
-def group_collate(pad_id: int):
-    """``RewardGroup`` (or ``RewardPair``) items -> one batch of whole left-padded rows, each
-    response once, and the comparisons: ``chosen_index`` / ``rejected_index`` (rows) and
+def group_collate():
+    """``RewardGroup`` (or ``RewardPair``) items -> one packed batch (each prompt once, each
+    response once) and the comparisons: ``chosen_index`` / ``rejected_index`` (rows) and
     ``comparison_group`` (the item each comes from)."""
     def fn(items: Sequence[RewardGroup | RewardPair]) -> dict[str, torch.Tensor]:
         seqs, starts, chosen, rejected, group = [], [], [], [], []
@@ -396,7 +367,7 @@ def group_collate(pad_id: int):
                     chosen.append(base + a)
                     rejected.append(base + b)
                     group.append(g)
-        batch = collate(seqs, starts, pad_id, padding_side="left")
+        batch = packed_collate(seqs, starts)
         batch["chosen_index"], batch["rejected_index"] = torch.tensor(chosen), torch.tensor(rejected)
         batch["comparison_group"] = torch.tensor(group)
         if groups[0].member_weights:
@@ -437,20 +408,13 @@ def training_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, groups: pd.Data
     return reward_group_items(tokenized, groups, "train")
 
 
-def pair_collate(pad_id: int, share_prefix: bool = SHARE_PREFIX):
-    """``RewardPair`` items -> one batch, chosen rows first: whole left-padded rows, or
-    (``share_prefix``) each pair's common prefix (the prompt, at least) once."""
+def pair_collate():
+    """``RewardPair`` items -> one packed batch (``scoring.packed_collate``: a pair's prompt once),
+    chosen rows first."""
     def fn(items: Sequence[RewardPair]) -> dict[str, torch.Tensor]:
         seqs = [i.chosen_input_ids for i in items] + [i.rejected_input_ids for i in items]
-        if share_prefix:
-            # split at the common prefix, and no later than the response (mean pooling reads
-            # every response token's state)
-            starts = [min(common_prefix(i.chosen_input_ids, i.rejected_input_ids),
-                          i.chosen_response_start or len(i.chosen_input_ids)) for i in items]
-            batch = shared_prefix_collate(seqs, starts + starts, pad_id)
-        else:
-            batch = collate(seqs, [i.chosen_response_start for i in items]
-                            + [i.rejected_response_start for i in items], pad_id, padding_side="left")
+        batch = packed_collate(seqs, [i.chosen_response_start for i in items]
+                               + [i.rejected_response_start for i in items])
         batch["margin"] = torch.tensor([float(i.margin) for i in items])
         if items[0].member_weights:
             batch["member_weights"] = torch.tensor([list(i.member_weights) for i in items])
@@ -460,10 +424,10 @@ def pair_collate(pad_id: int, share_prefix: bool = SHARE_PREFIX):
 
 @torch.inference_mode()
 def score(model: RewardModel, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-          pad_id: int, batch_size: int = 64, share_prefix: bool = SHARE_PREFIX) -> np.ndarray:
+          batch_size: int = 64) -> np.ndarray:
     """Rewards of token sequences (prompt + response, the response from ``response_starts``), in
-    input order, shape (N, members): the responses of one prompt in one batch, whole left-padded
-    rows or (with ``share_prefix``) the prompt run once.
+    input order, shape (N, members): the responses of one prompt in one packed batch, the prompt
+    run once.
 
     In a process group each rank scores every N-th batch (0.0 elsewhere; see
     ``reference.response_logps``).
@@ -473,12 +437,8 @@ def score(model: RewardModel, sequences: Sequence[Sequence[int]], response_start
     model.eval()
     rank, size = world()
     out = np.zeros((len(sequences), model.config.members))
-    batches = (scoring_batches(sequences, response_starts, batch_size) if share_prefix else
-               length_bucketed_batches([len(s) for s in sequences], batch_size, 0, shuffle=False))
-    for idx in batches[rank::size]:
-        seqs, starts = [sequences[i] for i in idx], [response_starts[i] for i in idx]
-        b = (shared_prefix_collate(seqs, starts, pad_id) if share_prefix
-             else collate(seqs, starts, pad_id, padding_side="left"))
+    for idx in scoring_batches(sequences, response_starts, batch_size)[rank::size]:
+        b = packed_collate([sequences[i] for i in idx], [response_starts[i] for i in idx])
         rewards = model(to_device(b, model.head.weight.device))
         out[idx] = rewards.reshape(len(idx), -1).double().cpu().numpy()
     return out

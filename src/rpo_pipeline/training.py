@@ -46,6 +46,7 @@ class TrainConfig(TrainParams):
     patience: NonNegInt = 0  # >0: stop after that many evaluations without a lower eval loss and
                              # keep the weights of the best one (early stopping); 0: off
     precision: Literal[PRECISIONS] = "fp32"  # auto | fp32 | bf16 | fp16 (precision.py)
+    max_tokens_per_batch: Annotated[int, Field(ge=1)] | None = None
     num_processes: Annotated[int, Field(ge=1)] = 1
     strategy: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal[BACKENDS] = "auto"
@@ -224,11 +225,11 @@ def make_accelerator(cfg: TrainConfig):
 def deterministic_kernels(device: torch.device):
     """On a CPU, torch's deterministic kernels for the block (restored afterwards).
 
-    Some CPU backward kernels accumulate in parallel in an order that changes from run to run:
-    ``index_put_`` with ``accumulate=True`` (the backward of gathering each row's shared-prompt
-    cache) on 2 threads gave weights differing in the last bits between two identical RPO rounds in
-    one process. Their deterministic versions cost little on a CPU and make the same command give
-    the same numbers (``make reproduce``). On CUDA the fast kernels are kept (deterministic ones
+    Some CPU backward kernels accumulate in parallel in an order that can change from run to run
+    (scatter-adds such as ``index_put_`` with ``accumulate=True``; on 2 threads one gave weights
+    differing in the last bits between two identical RPO rounds in one process). Their
+    deterministic versions cost little on a CPU and make the same command give the same numbers
+    (``make reproduce``). On CUDA the fast kernels are kept (deterministic ones
     need ``CUBLAS_WORKSPACE_CONFIG`` and cost speed).
     """
     if device.type != "cpu":
@@ -292,7 +293,11 @@ def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     result.steps = start
     # batch_size is global (as nanoGPT keeps its total batch): the number of processes splits the
     # work of a step, it does not change the step
-    batches = iterate_batches(len(items), lengths, cfg.batch_size, cfg.seed)
+    # with a token budget, each item's size is its packed tokens (prompt once + responses)
+    tokens = ([int(collate([it])["packed_ids"].shape[1]) for it in items]
+              if cfg.max_tokens_per_batch else None)
+    batches = iterate_batches(len(items), lengths, cfg.batch_size, cfg.seed, tokens,
+                              cfg.max_tokens_per_batch)
     for _ in range(start * cfg.grad_accum):  # same data order as an uninterrupted run
         next(batches)
     window: dict[str, float] = defaultdict(float)

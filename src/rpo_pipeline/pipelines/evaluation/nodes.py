@@ -38,10 +38,10 @@ METRICS = ("gold_reward_mean", "rm_score_mean", "kl_to_reference", "win_rate_gol
 
 
 def _completion_logps(model: PretrainedHandle, prompts: list[list[int]],
-                       completions: list[list[int]], pad: int, p: EvaluationParams) -> np.ndarray:
+                       completions: list[list[int]], p: EvaluationParams) -> np.ndarray:
     """``evaluation.completion_logps``, sharded by batch over ``evaluation.num_processes``."""
     job = InferenceJob("completion_logps", str(model.path), p.device, {
-        "prompts": prompts, "completions": completions, "pad_id": pad, "batch_size": p.batch_size},
+        "prompts": prompts, "completions": completions, "batch_size": p.batch_size},
         precision=p.precision)
     return infer(job, p.num_processes, p.backend, model.load)
 
@@ -94,7 +94,7 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
     if REFERENCE not in samples:
         raise ValueError(f"evaluation needs the {REFERENCE!r} samples, got {sorted(samples)}")
     tok = tokenizer.load()
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos = tok.eos_token_id
     table = pd.concat([s.assign(policy=name) for name, s in samples.items()], ignore_index=True)
     comp = table["completion_ids"].map(list)
     table["completion"] = tok.batch_decode(comp.tolist(), skip_special_tokens=True)
@@ -109,7 +109,7 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
 
     seqs = [list(p) + c for p, c in zip(table["prompt_ids"], comp, strict=True)]
     members = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
-        "sequences": seqs, "response_starts": table["prompt_ids"].map(len).tolist(), "pad_id": pad,
+        "sequences": seqs, "response_starts": table["prompt_ids"].map(len).tolist(),
         "batch_size": p.batch_size}, precision=p.precision), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
     table["rm"], table["rm_std"] = ensemble_reward(members)  # the members' mean and spread
@@ -119,7 +119,7 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
     if others.any():
         table.loc[others, "ref_logp"] = _completion_logps(
             reference_model, table.loc[others, "prompt_ids"].map(list).tolist(),
-            comp[others].tolist(), pad, p)
+            comp[others].tolist(), p)
     table["kl"] = table["logp"] - table["ref_logp"]
     log.info("scored %d completions of %s in %.1f s", len(table), list(samples),
              time.perf_counter() - t0)
@@ -141,10 +141,9 @@ def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle
     both = pd.concat([chosen, rejected], ignore_index=True)
     prompts = [list(ids[:s]) for ids, s in zip(both["input_ids"], both["response_start"], strict=True)]
     comps = [list(ids[s:]) for ids, s in zip(both["input_ids"], both["response_start"], strict=True)]
-    pad = tokenizer.load().pad_token_id
 
     def logps(handle: PretrainedHandle) -> np.ndarray:
-        return _completion_logps(handle, prompts, comps, pad, p)
+        return _completion_logps(handle, prompts, comps, p)
 
     ref = logps(reference_model)
     n = len(chosen)
@@ -204,12 +203,11 @@ def score_curves(reference_model: PretrainedHandle, reward_model: PretrainedHand
     table["gold"] = judge(texts) if judge is not None else np.nan
     members = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
         "sequences": [a + b for a, b in zip(prompt_ids, comp, strict=True)],
-        "response_starts": [len(a) for a in prompt_ids], "pad_id": tok.pad_token_id,
+        "response_starts": [len(a) for a in prompt_ids],
         "batch_size": p.batch_size}, precision=p.precision), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
     table["rm"] = ensemble_reward(members)[0]
-    table["kl"] = table["logp"] - _completion_logps(reference_model, prompt_ids, comp,
-                                                    tok.pad_token_id, p)
+    table["kl"] = table["logp"] - _completion_logps(reference_model, prompt_ids, comp, p)
     table.loc[table["method"] == "reference", "kl"] = 0.0  # its own log-probs: exactly 0
     curves = (table.groupby(["method", "step"], sort=False)
               .agg(gold=("gold", "mean"), rm=("rm", "mean"), kl=("kl", "mean"),

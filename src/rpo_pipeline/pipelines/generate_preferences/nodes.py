@@ -83,7 +83,7 @@ def judge_with_reward_model(samples: pd.DataFrame, groups: pd.DataFrame,
                                               strict=True)]
     scores = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
         "sequences": seqs, "response_starts": samples["prompt_ids"].map(len).tolist(),
-        "pad_id": tokenizer.load().pad_token_id, "batch_size": p.sampling.batch_size},
+        "batch_size": p.sampling.batch_size},
         precision=p.precision), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
     return _write(groups, samples, ensemble_reward(scores)[0], "reward_model")

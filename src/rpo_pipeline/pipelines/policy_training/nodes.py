@@ -60,7 +60,7 @@ def train_dpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
     ``evaluation.curve.points`` − 1 intermediate policies, evenly spaced in steps, for the
     over-optimisation curves (the last point is the policy itself)."""
     p = DpoParams.parse(params)
-    job = PolicyJob("dpo", str(sft_model.path), tokenizer.load().pad_token_id, p.model_dump(),
+    job = PolicyJob("dpo", str(sft_model.path), p.model_dump(),
                     Split(*preference_items(tokenized, pairs, reference, "train")),
                     Split(*preference_items(tokenized, pairs, reference, "val")),
                     snapshot_steps=_curve_steps(p, evaluation_params))
@@ -79,7 +79,7 @@ def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
     p = RpoParams.parse(params)
     targets = reward_targets(groups, reward_scores, reward_stats, p.reward_source,
                              p.reward_normalization)
-    job = PolicyJob("rpo", str(sft_model.path), tokenizer.load().pad_token_id, p.model_dump(),
+    job = PolicyJob("rpo", str(sft_model.path), p.model_dump(),
                     Split(*group_items(tokenized, reference, targets, "train")),
                     Split(*group_items(tokenized, reference, targets, "val")),
                     Split(*preference_items(tokenized, pairs, reference, "val")),

@@ -71,7 +71,7 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
         if sft.patience and val_rows.empty:
             raise ValueError(f"reference.sft.patience is {sft.patience} but the val split has no "
                              "responses and no text: early stopping needs a val loss")
-        job = SftJob(str(base_model.path), tokenizer.load().pad_token_id, p.model_dump(),
+        job = SftJob(str(base_model.path), p.model_dump(),
                      Split(*sft_items(train_rows)), Split(*sft_items(val_rows)))
         model, result, val = fit("sft", job, sft.num_processes, sft.backend, p.device, lambda: model,
                                  AutoModelForCausalLM.from_pretrained)
@@ -118,7 +118,7 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
     t1 = time.perf_counter()
     job = InferenceJob("response_logps", str(sft_model.path), p.device, {
         "input_ids": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
-        "pad_id": tokenizer.load().pad_token_id, "batch_size": p.logprobs.batch_size},
+        "batch_size": p.logprobs.batch_size},
         precision=precision)
     logp, n = infer(job, p.logprobs.num_processes, p.logprobs.backend, sft_model.load)
     compute = time.perf_counter() - t1

@@ -74,7 +74,7 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
                                lora_dropout=p.lora.dropout, target_modules=p.lora.target_modules)
     evals = {split: Split(*reward_pair_items(tokenized, pairs, split, p.margin_column))
              for split in ("val", "test")}
-    job = RewardModelJob(config, tokenizer.load().pad_token_id, p.model_dump(),
+    job = RewardModelJob(config, p.model_dump(),
                          Split(items, lengths), evals)
     t = p.train
     model, result, ev = fit("reward_model", job, t.num_processes, t.backend, p.device,
@@ -119,7 +119,7 @@ def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer:
         return hit
     job = InferenceJob("rewards", str(reward_model.path), p.device, {
         "sequences": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
-        "pad_id": tokenizer.load().pad_token_id, "batch_size": p.score.batch_size},
+        "batch_size": p.score.batch_size},
         precision=precision)
     members = infer(job, p.score.num_processes, p.score.backend,
                     lambda: reward_model.load(device=p.device))

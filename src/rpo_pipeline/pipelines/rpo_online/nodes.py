@@ -67,12 +67,12 @@ def _gold_stats(judge, groups: pd.DataFrame) -> dict[str, float]:
 
 
 def _rewards(reward_model: PretrainedHandle, seqs: list[list[int]], starts: list[int],
-             p: RpoOnlineParams, rm: RewardModelParams, pad: int) -> tuple[np.ndarray, np.ndarray]:
+             p: RpoOnlineParams, rm: RewardModelParams) -> tuple[np.ndarray, np.ndarray]:
     """The reward model's training target (``reward_model.ensemble.aggregate``) and the members'
     spread for each sample."""
     t = p.train
     members = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
-        "sequences": seqs, "response_starts": starts, "pad_id": pad, "batch_size": p.sampling.batch_size},
+        "sequences": seqs, "response_starts": starts, "batch_size": p.sampling.batch_size},
         precision=t.precision), t.num_processes, t.backend, lambda: reward_model.load(device=p.device))
     return ensemble_reward(members, rm.ensemble.aggregate, rm.ensemble.penalty)
 
@@ -99,12 +99,11 @@ def label_round(samples: pd.DataFrame, reward_model: PretrainedHandle, sft_model
         raise ValueError("rpo_online.judge = 'gold' and rpo_online.refresh.labels_per_round > 0 need "
                          "a gold judge; evaluation.gold_judge is 'none'")
     tok = tokenizer.load()
-    pad = tok.pad_token_id
     seqs, starts = samples["input_ids"].map(list).tolist(), samples["response_start"].tolist()
     t = p.train
-    reward, spread = _rewards(reward_model, seqs, starts, p, rm, pad)
+    reward, spread = _rewards(reward_model, seqs, starts, p, rm)
     ref_logp, _ = infer(InferenceJob("response_logps", str(sft_model.path), p.device, {
-        "input_ids": seqs, "response_starts": starts, "pad_id": pad, "batch_size": p.sampling.batch_size,
+        "input_ids": seqs, "response_starts": starts, "batch_size": p.sampling.batch_size,
         "progress": False}, precision=t.precision), t.num_processes, t.backend, sft_model.load)
     if judge is None:
         gold = np.full(len(samples), np.nan)
@@ -162,16 +161,15 @@ def refresh_reward_model(labelled: pd.DataFrame, reward_model: PretrainedHandle,
     train = rm.train.model_copy(update={"steps": p.refresh.steps, "seed": rm.train.seed + round_index,
                                         "warmup_steps": min(rm.train.warmup_steps, p.refresh.steps)})
     rm = rm.model_copy(update={"train": train})
-    pad = tokenizer.load().pad_token_id
-    job = RewardModelJob(None, pad, rm.model_dump(), Split(items, lengths), {},
+    job = RewardModelJob(None, rm.model_dump(), Split(items, lengths), {},
                          init_from=str(reward_model.path))
     model, result, _ = fit("reward_model", job, train.num_processes, train.backend, rm.device,
                            lambda: RewardModel.continue_training(str(reward_model.path), train.seed,
                                                                  rm.device),
                            RewardModel.from_pretrained)
     seqs, starts = labelled["input_ids"].map(list).tolist(), labelled["response_start"].tolist()
-    after = labelled.assign(reward=ensemble_reward(score(model, seqs, starts, pad))[0])
-    stats = _train_stats(model, tokenized, pad, seed=p.train.seed)
+    after = labelled.assign(reward=ensemble_reward(score(model, seqs, starts))[0])
+    stats = _train_stats(model, tokenized, seed=p.train.seed)
     before_agreement = rm_gold_agreement(labelled, score="reward")
     after_agreement = rm_gold_agreement(after, score="reward")
     log.info("%s round %d: reward model refreshed on %d labelled pairs (%d new) in %.1f s; "
@@ -185,24 +183,24 @@ def refresh_reward_model(labelled: pd.DataFrame, reward_model: PretrainedHandle,
         **{f"refresh_after_{k}": v for k, v in after_agreement.items()}})
 
 
-def _train_stats(model: Any, tokenized: pd.DataFrame, pad: int, seed: int, n: int = 512
+def _train_stats(model: Any, tokenized: pd.DataFrame, seed: int, n: int = 512
                  ) -> dict[str, float]:
     """Mean and std of the model's rewards over a seeded ``n`` of the train responses."""
     train = tokenized[tokenized["split"] == "train"]
     rows = train.iloc[np.random.default_rng(seed).permutation(len(train))[:n]]
     r = ensemble_reward(score(model, rows["input_ids"].map(list).tolist(),
-                              rows["response_start"].tolist(), pad))[0]
+                              rows["response_start"].tolist()))[0]
     return {"mean": float(r.mean()), "std": float(r.std(ddof=0)), "count": int(len(r))}
 
 
 def rescore_round(labelled: pd.DataFrame, reward_model: PretrainedHandle, reward_stats: dict,
-                  tokenizer: PretrainedHandle, params: dict[str, Any],
+                  params: dict[str, Any],
                   reward_model_params: dict[str, Any]) -> pd.DataFrame:
     """The round's samples scored again by the refreshed reward model, and their new targets."""
     p = RpoOnlineParams.parse(params)
     rm = RewardModelParams.parse(reward_model_params)
     seqs, starts = labelled["input_ids"].map(list).tolist(), labelled["response_start"].tolist()
-    reward, spread = _rewards(reward_model, seqs, starts, p, rm, tokenizer.load().pad_token_id)
+    reward, spread = _rewards(reward_model, seqs, starts, p, rm)
     out = labelled.assign(reward=reward, reward_std=spread)
     if p.judge == "gold":
         return out  # the targets are gold's
@@ -242,7 +240,7 @@ def train_round(policy: PretrainedHandle, tokenizer: PretrainedHandle, labelled:
     p = p.model_copy(update={"train": train})
     items = group_items(labelled, labelled[["group_id", "response_index", "ref_logp"]],
                         labelled[["group_id", "response_index", "target"]], "train")
-    job = PolicyJob("rpo_online", str(policy.path), tokenizer.load().pad_token_id, p.model_dump(),
+    job = PolicyJob("rpo_online", str(policy.path), p.model_dump(),
                     Split(*items), Split([], []))
     model, _, history, metrics = run_policy_job(policy, job, p)
     spread = labelled.groupby("group_id")["reward"].std(ddof=0).mean()

@@ -54,8 +54,8 @@ def round_template(r: int, refresh: bool) -> Pipeline:
                  outputs=["reward_model", "reward_stats", "refresh_pairs", "refresh_metrics"],
                  name="refresh_reward_model"),
             Node(rescore_round,
-                 inputs=["labelled_samples", "reward_model", "reward_stats", "tokenizer",
-                         "params:rpo_online", "params:reward_model"],
+                 inputs=["labelled_samples", "reward_model", "reward_stats", "params:rpo_online",
+                         "params:reward_model"],
                  outputs="training_samples", name="rescore_round"),
         ]
     nodes.append(Node(_for_round(train_round, r),
