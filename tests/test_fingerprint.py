@@ -92,3 +92,32 @@ def test_cached_stage_reuses_only_on_a_match_and_names_its_metrics(caplog):
     computed = stage.computed({"sft_val_loss": 2.5})
     assert {k: v[0]["value"] for k, v in computed.items() if k != "sft_seconds"} == {
         "sft_cache_hit": 0.0, "sft_val_loss": 2.5}
+
+
+def test_a_hub_id_is_fingerprinted_by_id_and_cached_revision(tmp_path, monkeypatch):
+    """A model named by Hub id (not a local directory) is fingerprinted by its id and the commit of
+    its snapshot in the local Hugging Face cache; offline and uncached, by its id alone."""
+    import huggingface_hub.constants
+
+    from rpo_pipeline.fingerprint import model_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert model_source("org/absent") == {"hub_id": "org/absent", "revision": None}
+
+    def cache(sha: str) -> None:
+        repo = tmp_path / "hub" / "models--org--tiny"
+        (repo / "snapshots" / sha).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / sha / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(sha)
+
+    cache("a" * 40)
+    first = fingerprint(model_source("org/tiny"))
+    assert model_source("org/tiny") == {"hub_id": "org/tiny", "revision": "a" * 40}
+    cache("b" * 40)  # the cached main moved to another commit
+    assert fingerprint(model_source("org/tiny")) != first
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "w.bin").write_bytes(b"1")
+    assert model_source(str(tmp_path / "local")) == tmp_path / "local"  # a directory: its bytes

@@ -44,6 +44,24 @@ def hash_dir(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE,)) -
     return h.hexdigest()
 
 
+def model_source(name_or_path: str) -> Any:
+    """A fingerprint part for a model given as a local directory (its bytes) or as a Hub id (the id
+    and the revision it resolves to: the commit of its snapshot in the local Hugging Face cache, or
+    the Hub's current one when it can be asked; ``None`` when neither can be had)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        revision = Path(snapshot_download(name_or_path, local_files_only=True)).name
+    except Exception:  # noqa: BLE001 - not cached here: ask the Hub (fails offline)
+        try:
+            revision = HfApi().model_info(name_or_path).sha
+        except Exception:  # noqa: BLE001 - offline and not cached: loading it will say so
+            revision = None
+    return {"hub_id": name_or_path, "revision": revision}
+
+
 def hash_frame(df: pd.DataFrame) -> str:
     """Digest of a table's columns, dtypes and values (list/array cells included), row order kept."""
     h = hashlib.blake2b(digest_size=16)

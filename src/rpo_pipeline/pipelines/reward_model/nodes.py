@@ -10,7 +10,14 @@ from typing import Any
 import pandas as pd
 
 from rpo_pipeline.datasets import PretrainedHandle
-from rpo_pipeline.fingerprint import CachedStage, CacheHit, Fingerprinted, fingerprint, result_params
+from rpo_pipeline.fingerprint import (
+    CachedStage,
+    CacheHit,
+    Fingerprinted,
+    fingerprint,
+    model_source,
+    result_params,
+)
 from rpo_pipeline.jobs import InferenceJob, RewardModelJob, Split, fit, infer
 from rpo_pipeline.mlflow_models import REWARD_MODEL, ModelBundle, causal_lm_dir, text_format
 from rpo_pipeline.params import DataProcessingParams, RewardModelParams
@@ -56,7 +63,7 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
     items, lengths = training_items(tokenized, pairs, groups, p.comparisons, p.margin_column)
     train_pairs = training_pairs(pairs, groups, p.comparisons)
     train_rows = tokenized.loc[tokenized["split"] == "train", ["group_id", "response_index", "input_ids"]]
-    fp = fingerprint("reward_model", RM_VERSION, Path(backbone), Path(tokenizer.path),
+    fp = fingerprint("reward_model", RM_VERSION, model_source(backbone), Path(tokenizer.path),
                      train_pairs[train_pairs["split"] == "train"], train_rows,
                      result_params(p.model_dump(exclude={"score": True,
                                                          "ensemble": {"aggregate", "penalty"}})),
