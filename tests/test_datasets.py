@@ -375,3 +375,31 @@ def test_a_cache_entry_counts_only_when_every_part_carries_the_fingerprint(tmp_p
     assert "different fingerprints" in caplog.text
     with pytest.raises(DatasetError, match="cache hit claimed for fp1 but the stored fingerprint is fp0"):
         history.save(CacheHit("fp1"))
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "one byte changed", "deleted"])
+def test_a_damaged_model_directory_is_a_cache_miss_naming_the_file(tmp_path, caplog, damage):
+    """The fingerprint of a saved model records each file's size and digest: a file cut in half,
+    changed in place or deleted makes the stored fingerprint unusable (the stage recomputes), with
+    a warning that names the file."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rpo_pipeline.datasets import PretrainedDirDataset, StoredFingerprintDataset
+
+    model_dir = tmp_path / "sft_model"
+    PretrainedDirDataset(filepath=str(model_dir)).save(
+        Fingerprinted(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)), "fp"))
+    stored = StoredFingerprintDataset(filepath=str(model_dir))
+    assert stored.load() == "fp"
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "cut in half":
+        weights.write_bytes(data[:len(data) // 2])
+    elif damage == "one byte changed":
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    else:
+        weights.unlink()
+    with caplog.at_level("WARNING", logger="rpo_pipeline.datasets"):
+        assert stored.load() is None
+    assert any(str(weights) in r.getMessage() and "recomputing" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

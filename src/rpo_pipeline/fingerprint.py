@@ -28,6 +28,39 @@ FINGERPRINT_FILE = "fingerprint.json"
 log = logging.getLogger(__name__)
 
 
+def hash_file(path: str | Path) -> str:
+    """Digest of one file's bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE,)
+                ) -> dict[str, dict[str, Any]]:
+    """Each file under ``path`` (relative name) -> its size and digest: what a cache stores next
+    to its fingerprint, so that damaged bytes make it a miss (``damaged_file``)."""
+    root = Path(path)
+    return {str(f.relative_to(root)): {"size": f.stat().st_size, "blake2b": hash_file(f)}
+            for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude)}
+
+
+def damaged_file(path: str | Path, record: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Why the files under ``path`` no longer match ``file_record``'s ``record`` (naming the first
+    file that differs), or None when every recorded file has its size and digest."""
+    root = Path(path)
+    for name, stored in record.items():
+        f = root / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != stored["size"]:
+            return f"{f} has {f.stat().st_size} bytes, {stored['size']} when it was stored"
+        if hash_file(f) != stored["blake2b"]:
+            return f"{f} does not match the digest stored with it"
+    return None
+
+
 def hash_dir(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE,)) -> str:
     """Digest of every file under ``path`` (relative names and bytes), in sorted order; the stored
     fingerprint is not content."""

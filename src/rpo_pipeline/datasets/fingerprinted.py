@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from kedro.io import AbstractDataset, DatasetError
 
 from rpo_pipeline.datasets._fs import FsPath, read_only
-from rpo_pipeline.fingerprint import FINGERPRINT_FILE, CacheHit, Fingerprinted
+from rpo_pipeline.fingerprint import FINGERPRINT_FILE, CacheHit, Fingerprinted, damaged_file
 
 PARQUET_FINGERPRINT_KEY = b"rpo_pipeline.fingerprint"
 log = logging.getLogger(__name__)
@@ -135,8 +135,9 @@ def read_stored_fingerprint(path: str | Path | FsPath) -> str | None:
     file, or None.
 
     Nothing stored yet is the normal first run (None, silently). A stored fingerprint that cannot
-    be read (a damaged ``fingerprint.json``, an unreadable Parquet footer) logs a warning with the
-    reason, and the stage recomputes.
+    be read (a damaged ``fingerprint.json``, an unreadable Parquet footer), or a model directory
+    whose files no longer have the sizes and digests stored with its fingerprint, logs a warning
+    naming the file and the reason, and the stage recomputes.
     """
     f = path if isinstance(path, FsPath) else FsPath(str(path))
     where = f.url()
@@ -147,7 +148,12 @@ def read_stored_fingerprint(path: str | Path | FsPath) -> str | None:
                 if f.fs.ls(str(f.path)):
                     log.warning("%s has no %s: recomputing it", where, FINGERPRINT_FILE)
                 return None
-            value = json.loads(f.read_bytes(marker))["fingerprint"]
+            stored = json.loads(f.read_bytes(marker))
+            value = stored["fingerprint"]
+            damage = damaged_file(f.path, stored.get("files", {}))
+            if damage is not None:
+                log.warning("%s: %s; recomputing it", where, damage)
+                return None
         elif not f.exists():
             return None
         elif f.path.suffix == ".json":

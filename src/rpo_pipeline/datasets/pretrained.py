@@ -13,7 +13,7 @@ from kedro.utils import load_obj
 from rpo_pipeline.atomic import atomic_dir
 from rpo_pipeline.datasets._fs import FsPath, local_path
 from rpo_pipeline.datasets.fingerprinted import check_cache_hit
-from rpo_pipeline.fingerprint import FINGERPRINT_FILE, CacheHit, Fingerprinted, hash_dir
+from rpo_pipeline.fingerprint import FINGERPRINT_FILE, CacheHit, Fingerprinted, file_record, hash_dir
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
         with atomic_dir(self._path) as tmp:
             obj.save_pretrained(str(tmp), **self._save_args)
             if fp is not None:
-                (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
+                (tmp / FINGERPRINT_FILE).write_text(json.dumps(
+                    {"fingerprint": fp, "files": file_record(tmp)}))
         if self._mlflow_artifact_path is not None:
             _log_dir_to_active_mlflow_run(self._path, self._mlflow_artifact_path)
 
