@@ -28,12 +28,17 @@ FINGERPRINT_FILE = "fingerprint.json"
 log = logging.getLogger(__name__)
 
 
-def hash_file(path: str | Path) -> str:
-    """Digest of one file's bytes."""
-    h = hashlib.blake2b(digest_size=16)
+def _feed(h: Any, path: str | Path) -> None:
+    """Add one file's bytes to the digest ``h``, 1 MiB at a time."""
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
+
+
+def hash_file(path: str | Path) -> str:
+    """Digest of one file's bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, path)
     return h.hexdigest()
 
 
@@ -70,9 +75,7 @@ def hash_dir(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE,)) -
     h = hashlib.blake2b(digest_size=16)
     for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude):
         h.update(str(f.relative_to(root)).encode() + b"\x00")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _feed(h, f)
         h.update(b"\x01")
     return h.hexdigest()
 
