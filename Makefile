@@ -43,6 +43,7 @@ gpu-check: setup
 
 lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/lint-imports
 
 # the UIs shell out to the venv's executables, so put it on PATH
 viz: setup

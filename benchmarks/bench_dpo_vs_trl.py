@@ -52,14 +52,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, Traine
 from rpo_pipeline.evaluation import generate
 from rpo_pipeline.jobs import disable_dropout
 from rpo_pipeline.losses import preference_loss_fn, reward_aware_loss_fn
-from rpo_pipeline.params import SamplingConfig
+from rpo_pipeline.params import SamplingConfig, base_parameters
 from rpo_pipeline.policy import group_collate, group_items, policy_collate, preference_items
 from rpo_pipeline.precision import cpu_bf16_flags, resolve_precision
 from rpo_pipeline.reference import reference_table, response_logps
 from rpo_pipeline.scoring import ResponseLogps
-from rpo_pipeline.training import TrainConfig, iterate_batches, train
+from rpo_pipeline.training import LOOP_FEATURES_OFF, TrainConfig, iterate_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 # a project's data folder (after `kedro run --pipelines=reference`) and the device: set by --data and
 # --device (scripts/gpu_check.py runs this on a fresh project copy on a GPU)
 DATA = ROOT / "data"
@@ -146,9 +147,13 @@ def params_of(model: torch.nn.Module) -> dict[str, int]:
 
 # ---- contenders --------------------------------------------------------------------------------
 def train_config(steps: int, batch: int, precision: str) -> TrainConfig:
-    return TrainConfig(steps=steps, lr=LR, batch_size=batch, grad_accum=1, warmup_steps=2,
-                       schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, seed=0,
-                       log_every=steps, progress=False, device=DEVICE, precision=precision)
+    """conf/base's DPO ``train`` block with the settings both contenders share."""
+    block = base_parameters("dpo", CONF)["train"]
+    return TrainConfig(**{**block, **LOOP_FEATURES_OFF, "steps": steps, "lr": LR, "batch_size": batch,
+                          "grad_accum": 1, "warmup_steps": 2, "schedule": "cosine", "weight_decay": 0.0,
+                          "max_grad_norm": 1.0, "seed": 0, "log_every": steps, "progress": False,
+                          "device": DEVICE, "precision": precision, "num_processes": 1,
+                          "max_tokens_per_batch": None})
 
 
 def ours(path: Path, items, lengths, collate, loss_fn, steps: int, batch: int,

@@ -17,14 +17,17 @@ from pathlib import Path
 
 import torch
 
-from rpo_pipeline.base_model import BUILTIN_TINY_GPT2, make_base_model
+from rpo_pipeline.base_model import make_base_model
+from rpo_pipeline.constants import BUILTIN_TINY_GPT2
 from rpo_pipeline.datasets import read_preference_files
 from rpo_pipeline.losses import reward_pair_loss_fn
-from rpo_pipeline.params import BaseModelParams
+from rpo_pipeline.params import BaseModelParams, base_parameters
 from rpo_pipeline.preference_groups import assign_splits, groups_to_pairs, ingest
 from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, pair_collate, reward_pair_items
 from rpo_pipeline.text_format import format_groups, tokenize_examples
-from rpo_pipeline.training import TrainConfig, evaluate, train
+from rpo_pipeline.training import LOOP_FEATURES_OFF, TrainConfig, evaluate, train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh_rlhf/helpful-base_test.jsonl.gz"
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -84,9 +87,12 @@ def main() -> None:
         col, loss_fn = pair_collate(), reward_pair_loss_fn()
         t0 = time.perf_counter()
         train(ours, items, lengths, col, loss_fn,
-              TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, grad_accum=1,
-                          warmup_steps=10, schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
-                          seed=0, log_every=10, progress=False, device="cpu"))
+              TrainConfig(**{**base_parameters("reward_model", CONF)["train"], **LOOP_FEATURES_OFF,
+                             "steps": args.steps, "lr": args.lr, "batch_size": args.batch, "grad_accum": 1,
+                             "warmup_steps": 10, "schedule": "cosine", "weight_decay": 0.0,
+                             "max_grad_norm": 1.0, "seed": 0, "log_every": 10, "progress": False,
+                             "precision": "fp32", "num_processes": 1, "max_tokens_per_batch": None,
+                             "device": "cpu"}))
         ours_s = time.perf_counter() - t0
         ours_acc = evaluate(ours, test_items, test_lengths, col, loss_fn, 32, "cpu")["accuracy"]
         print(f"ours done: accuracy {ours_acc:.4f} in {ours_s:.1f} s", flush=True)

@@ -171,7 +171,7 @@ def main() -> None:
     from kedro.framework.startup import bootstrap_project
 
     from rpo_pipeline.evaluation import vader_positivity
-    from rpo_pipeline.jobs import RewardModelJob, Split, fit_reward_model
+    from rpo_pipeline.jobs import RewardModelJob, Split
     from rpo_pipeline.params import RewardModelParams
     from rpo_pipeline.preference_groups import groups_to_pairs
     from rpo_pipeline.reward_model import (
@@ -244,15 +244,15 @@ def main() -> None:
                                                                       strict=True) for _ in range(int(w))]
                 lengths = [items[1][k] for k, b in enumerate(boot) for _ in range(int(b.member_weights[m]))]
                 pm = p.model_copy(update={"train": p.train.model_copy(update={"seed": p.train.seed + m})})
-                model, _, ev = fit_reward_model(RewardModelJob(config, pm.model_dump(),
-                                                               Split(mine, lengths), val))
+                model, _, ev = RewardModelJob(config=config, params=pm, train=Split(mine, lengths),
+                                              evals=val).run()
                 models.append(model)
                 accs.append(ev[f"{args.split}_accuracy"])
             acc = float(np.mean(accs))
         else:
             boot = with_bootstrap(items[0], members, p.train.seed) if members > 1 else items[0]
-            model, _, ev = fit_reward_model(RewardModelJob(config, p.model_dump(),
-                                                           Split(boot, items[1]), val))
+            model, _, ev = RewardModelJob(config=config, params=p, train=Split(boot, items[1]),
+                                          evals=val).run()
             models, acc = [model], ev[f"{args.split}_accuracy"]
         r = {"pair_accuracy": acc, "train_seconds": time.perf_counter() - t0,
              "train_pairs": len(items[0])}

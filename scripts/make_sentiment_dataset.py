@@ -132,29 +132,19 @@ MILD_POS_CLOSER = ["Worth a look.", "Not bad at all.", "It kept me interested.",
 MILD_NEG_CLOSER = ["Not worth the hype.", "It just didn't work for me.", "A bit of a letdown.",
                    "I expected more."]
 
-CLAUSES = {
-    # polarity sign -> templates; {a}/{b} adjectives of that polarity, {x}/{y} aspects
-    +1: [
-        "the {x} was {a} and the {y} felt {b}.",
-        "the {x} is {a}, and {p} gives a {b} performance.",
-        "I {v} the {x}, which was {a} from start to finish.",
-        "the {xs} are {a} and the {x} is {b}.",
-        "it is a {a} {genre} with a {b} {x}.",
-        "the {x} was {a}, and the {xs} were {b} too.",
-        "everything about the {x} felt {a}.",
-        "{p} is {a} here, and the {x} is {b}.",
-    ],
-    -1: [
-        "the {x} was {a} and the {y} felt {b}.",
-        "the {x} is {a}, and {p} gives a {b} performance.",
-        "I {v} the {x}, which was {a} from start to finish.",
-        "the {xs} are {a} and the {x} is {b}.",
-        "it is a {a} {genre} with a {b} {x}.",
-        "the {x} was {a}, and the {xs} were {b} too.",
-        "everything about the {x} felt {a}.",
-        "{p} is {a} here, and the {x} is {b}.",
-    ],
-}
+# the same templates for both polarities: {a}/{b} adjectives of the clause's polarity,
+# {x}/{y} aspects
+CLAUSE_TEMPLATES = [
+    "the {x} was {a} and the {y} felt {b}.",
+    "the {x} is {a}, and {p} gives a {b} performance.",
+    "I {v} the {x}, which was {a} from start to finish.",
+    "the {xs} are {a} and the {x} is {b}.",
+    "it is a {a} {genre} with a {b} {x}.",
+    "the {x} was {a}, and the {xs} were {b} too.",
+    "everything about the {x} felt {a}.",
+    "{p} is {a} here, and the {x} is {b}.",
+]
+CLAUSES = {+1: CLAUSE_TEMPLATES, -1: CLAUSE_TEMPLATES}  # polarity sign -> templates
 MIXED = [
     "the {x} was {pa}, but the {y} was {na}.",
     "the {x} was {na}, although the {y} was {pa}.",

@@ -160,3 +160,16 @@ def tiny_run(_tiny_run_once):
     end_stale_runs()
     mlflow.set_tracking_uri(_tiny_run_once.uri)
     return _tiny_run_once
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run, tmp_path, monkeypatch) -> Path:
+    """A copy of the tiny run's project with its own MLflow store (so the shared run's outputs and
+    registry stay as they were), as the working directory."""
+    project = tmp_path / "project"
+    shutil.copytree(tiny_run.project, project)
+    mlflow_yml = project / "conf" / "base" / "mlflow.yml"
+    mlflow_yml.write_text(mlflow_yml.read_text().replace(str(tiny_run.project / "mlflow.db"),
+                                                         str(project / "mlflow.db")))
+    monkeypatch.chdir(project)
+    return project

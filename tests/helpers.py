@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -20,10 +19,9 @@ DEFAULT_DATA = ROOT / "data" / "01_raw" / "sentiment_reviews.jsonl"
 def base_params(group: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Parameter group ``group`` as conf/base defines it (the only source of defaults), with
     dotted-key ``overrides`` applied like ``--params`` (``{"train.steps": 3}``)."""
-    from omegaconf import OmegaConf
+    from rpo_pipeline.params import base_parameters
 
-    conf = OmegaConf.load(ROOT / "conf" / "base" / f"parameters_{group}.yml")
-    params = copy.deepcopy(OmegaConf.to_container(conf)[group])
+    params = base_parameters(group, ROOT / "conf")
     for block in (params.get("train"), params.get("sft")):
         if isinstance(block, dict) and "precision" in block:
             block["precision"] = "fp32"  # exactness checks assume fp32 (auto: test_precision.py)
@@ -39,10 +37,10 @@ def base_params(group: str, overrides: dict[str, Any] | None = None) -> dict[str
 def train_config(**overrides: Any):
     """A ``TrainConfig`` for unit tests: conf/base's ``reward_model.train`` block (plain training:
     no evaluation, checkpoints or autocast) on the CPU without a progress bar, plus ``overrides``."""
-    from rpo_pipeline.training import TrainConfig
+    from rpo_pipeline.training import LOOP_FEATURES_OFF, TrainConfig
 
-    return TrainConfig(**{**base_params("reward_model")["train"], "device": "cpu", "progress": False,
-                          **overrides})
+    return TrainConfig(**{**LOOP_FEATURES_OFF, **base_params("reward_model")["train"], "device": "cpu",
+                          "progress": False, **overrides})
 
 
 class TableLM(torch.nn.Module):

@@ -13,7 +13,8 @@ import torch
 from helpers import base_params
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rpo_pipeline.jobs import PolicyJob, Split, fit
+from rpo_pipeline.jobs import DpoJob, Split, fit
+from rpo_pipeline.params import DpoParams
 from rpo_pipeline.policy import PreferencePair
 
 
@@ -33,12 +34,12 @@ def main(out: str, steps: int, resume: bool) -> None:
     params = base_params("dpo", {"train.steps": steps, "train.batch_size": 4, "train.grad_accum": 2,
                                  "train.warmup_steps": 2, "train.log_every": 5, "train.eval_every": 0,
                                  "train.progress": False, "train.checkpoint_every": 2,
-                                 "train.checkpoint_dir": str(Path(out) / "ckpt"),
                                  "train.resume": resume, "train.num_processes": 2,
                                  "disable_dropout": False,  # dropout on: each rank's RNG matters
                                  "device": "cpu"})
-    job = PolicyJob("dpo", str(lm), params, data, Split([], []))
-    model, _, _ = fit("policy", job, 2, "gloo", "cpu", None, GPT2LMHeadModel.from_pretrained)
+    job = DpoJob(model_path=str(lm), params=DpoParams.parse(params), train=data, val=Split([], []),
+                 checkpoint_dir=str(Path(out) / "ckpt"))
+    model, _, _ = fit(job, 2, "gloo", "cpu", None, GPT2LMHeadModel.from_pretrained)
     torch.save(model.state_dict(), Path(out) / "final.pt")
 
 

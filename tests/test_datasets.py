@@ -287,7 +287,8 @@ def test_parquet_fingerprint_warnings_and_a_first_run_is_silent(tmp_path, caplog
     assert "has no stored fingerprint in its metadata" in caplog.records[-1].getMessage()
 
 
-@pytest.mark.parametrize("module", ["fingerprinted", "preference_file", "pretrained", "report"])
+@pytest.mark.parametrize("module", ["checkpoints", "fingerprinted", "model_source", "preference_file",
+                                    "pretrained", "report"])
 def test_docstring_examples_run(module, tmp_path):
     """Every dataset's Python example is a doctest that passes (with ``tmp_path`` to write to)."""
     import doctest
@@ -309,7 +310,7 @@ def test_every_dataset_has_a_yaml_and_a_python_example_and_keyword_only_argument
     import rpo_pipeline.datasets as ds
 
     classes = [getattr(ds, n) for n in ds.__all__ if n.endswith("Dataset")]
-    assert len(classes) == 7
+    assert len(classes) == 9
     for cls in classes:
         assert "Example (YAML)::" in cls.__doc__ and "Example (Python)::" in cls.__doc__, cls
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]
@@ -319,10 +320,11 @@ def test_every_dataset_has_a_yaml_and_a_python_example_and_keyword_only_argument
 
 
 def test_read_only_datasets_refuse_save_with_a_dataset_error(tmp_path):
-    from rpo_pipeline.datasets import StoredFingerprintDataset
+    from rpo_pipeline.datasets import CheckpointDirDataset, StoredFingerprintDataset
 
     for ds in (PreferenceFileDataset(filepath=str(tmp_path / "x.jsonl")),
-               StoredFingerprintDataset(filepath=str(tmp_path / "x.parquet"))):
+               StoredFingerprintDataset(filepath=str(tmp_path / "x.parquet")),
+               CheckpointDirDataset(filepath=str(tmp_path / "ckpt"))):
         with pytest.raises(DatasetError, match="read-only"):
             ds.save(pd.DataFrame())
 
@@ -403,3 +405,64 @@ def test_a_damaged_model_directory_is_a_cache_miss_naming_the_file(tmp_path, cap
         assert stored.load() is None
     assert any(str(weights) in r.getMessage() and "recomputing" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_table_or_json_changed_in_place_is_a_cache_miss_naming_the_file(tmp_path, caplog):
+    """A fingerprinted table or JSON value also records a digest of its content: rewritten with
+    other values (still a valid file, its fingerprint intact), it is a miss with a warning naming
+    the file, and the stage recomputes; stored again, it is a hit."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rpo_pipeline.datasets import FingerprintedJSONDataset, FingerprintedParquetDataset, StoredFingerprintDataset
+
+    table_path = tmp_path / "reference_logprobs.parquet"
+    table = FingerprintedParquetDataset(filepath=str(table_path))
+    df = pd.DataFrame({"group_id": ["a", "b"], "ref_logp": [-1.5, -2.0], "ids": [[1, 2], [3]]})
+    table.save(Fingerprinted(df, "fp"))
+    stored = StoredFingerprintDataset(filepath=str(table_path))
+    assert stored.load() == "fp"
+    written = pq.read_table(table_path)  # the same metadata (fingerprint and digest), other values
+    changed = pa.Table.from_pandas(df.assign(ref_logp=[-1.5, -9.0]), preserve_index=False)
+    pq.write_table(changed.replace_schema_metadata(written.schema.metadata), table_path)
+
+    history_path = tmp_path / "reward_model.json"
+    history = FingerprintedJSONDataset(filepath=str(history_path))
+    history.save(Fingerprinted({"loss": [{"step": 1, "value": 0.5}]}, "fp"))
+    assert StoredFingerprintDataset(filepath=str(history_path)).load() == "fp"
+    history_path.write_text(history_path.read_text().replace("0.5", "0.25"))
+
+    with caplog.at_level("WARNING", logger="rpo_pipeline.datasets"):
+        assert stored.load() is None
+        assert StoredFingerprintDataset(filepath=str(history_path)).load() is None
+    for path in (table_path, history_path):
+        assert any(str(path) in r.getMessage() and "changed after it was stored" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+    table.save(Fingerprinted(df, "fp"))
+    assert stored.load() == "fp"
+
+
+def test_model_source_records_a_hub_id_with_its_revision_and_null_as_no_model(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from rpo_pipeline.datasets import ModelSource, ModelSourceDataset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--org--judge" / "snapshots" / ("d" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--judge" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--judge" / "refs" / "main").write_text("d" * 40)
+    ds = ModelSourceDataset(filepath=str(tmp_path / "judge"), key="evaluation.gold_judge_args.model")
+    with pytest.raises(DatasetError, match="run the node that resolves evaluation.gold_judge_args.model"):
+        ds.load()
+    ds.save({"name_or_path": "org/judge"})
+    assert ds.load() == ModelSource("org/judge", f"org/judge@{'d' * 40}")
+    assert ds.load().name_or_path == "org/judge"  # from_pretrained reads it from the cache
+    ds.save({"name_or_path": None})
+    assert ds.load() == ModelSource(None, None) and ds.load().name_or_path is None
+    local = tmp_path / "local_model"
+    local.mkdir()
+    ds.save({"name_or_path": str(local)})
+    assert ds.load().name_or_path == str(local)

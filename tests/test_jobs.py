@@ -22,15 +22,18 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from rpo_pipeline.distributed import WorkerError
 from rpo_pipeline.jobs import (
-    InferenceJob,
-    PolicyJob,
+    DpoJob,
+    GenerateJob,
+    ResponseLogpsJob,
     RewardModelJob,
+    RewardsJob,
+    RpoJob,
     Split,
     fit,
     infer,
     merge_shards,
 )
-from rpo_pipeline.params import SamplingConfig
+from rpo_pipeline.params import DpoParams, RewardModelParams, RpoParams, SamplingConfig
 from rpo_pipeline.policy import PreferencePair, ResponseGroup
 from rpo_pipeline.reward_model import RewardModel, RewardModelConfig, RewardPair
 from rpo_pipeline.training import shard
@@ -101,10 +104,13 @@ def _policy_pair(method: str, lm_dir: str, train: Split, val: Split, val_pairs: 
         params = base_params(method, {"train.steps": steps, "train.batch_size": batch,
                                       "train.warmup_steps": 1, "train.log_every": 2,
                                       "train.eval_every": 3, "train.progress": False,
-                                      "train.checkpoint_every": 0, "train.checkpoint_dir": None,
+                                      "train.checkpoint_every": 0,
                                       "train.num_processes": procs, "device": "cpu", **extra})
-        job = PolicyJob(method, lm_dir, params, train, val, val_pairs)
-        out.append(fit("policy", job, procs, "gloo", "cpu",
+        job = (DpoJob(model_path=lm_dir, params=DpoParams.parse(params), train=train, val=val)
+               if method == "dpo" else
+               RpoJob(model_path=lm_dir, params=RpoParams.parse(params), train=train, val=val,
+                      val_pairs=val_pairs))
+        out.append(fit(job, procs, "gloo", "cpu",
                        lambda: GPT2LMHeadModel.from_pretrained(lm_dir),
                        GPT2LMHeadModel.from_pretrained))
     return out
@@ -160,8 +166,9 @@ def test_4bit_lora_reward_model_on_two_processes_equals_one_process(dropout_lm_d
                                               "train.progress": False, "train.log_every": 1,
                                               "train.num_processes": procs, "device": "cpu",
                                               "disable_dropout": True})
-        job = RewardModelJob(config, params, train, {"val": val})
-        out.append(fit("reward_model", job, procs, "gloo", "cpu",
+        job = RewardModelJob(config=config, params=RewardModelParams.parse(params), train=train,
+                             evals={"val": val})
+        out.append(fit(job, procs, "gloo", "cpu",
                        lambda: RewardModel.for_training(config, seed=0), RewardModel.from_pretrained))
     (m1, r1, e1), (m2, r2, e2) = out
     assert any(m.p > 0 for m in RewardModel.for_training(config, seed=0).modules()
@@ -182,28 +189,26 @@ def test_sharded_inference_equals_one_process(lm_dir, tmp_path, processes):
     g = torch.Generator().manual_seed(9)
     seqs = [_seq(g, 4, 30) for _ in range(37)]
     starts = [2] * len(seqs)
-    args = {"input_ids": seqs, "response_starts": starts, "batch_size": 5,
-            "progress": False}
-    one = infer(InferenceJob("response_logps", lm_dir, "cpu", args), 1, "gloo")
-    two = infer(InferenceJob("response_logps", lm_dir, "cpu", args), 2, "gloo")
+    job = ResponseLogpsJob(model_path=lm_dir, device="cpu", precision="fp32", input_ids=seqs,
+                           response_starts=starts, batch_size=5, progress=False)
+    one, two = infer(job, 1, "gloo"), infer(job, 2, "gloo")
     assert np.abs(one[0]).min() > 0 and np.array_equal(one[1], two[1])
     np.testing.assert_allclose(two[0], one[0], rtol=0, atol=1e-6)
 
     cfg = SamplingConfig(**base_params("evaluation")["sampling"] | {"batch_size": 3, "n_samples": 2,
                                                                     "max_new_tokens": 6})
-    gen = {"prompts": [s[:5] for s in seqs[:11]], "cfg": cfg, "eos_id": 1, "pad_id": PAD,
-           "progress": False}
-    s1 = infer(InferenceJob("generate", lm_dir, "cpu", gen), 1, "gloo")
-    s2 = infer(InferenceJob("generate", lm_dir, "cpu", gen), 2, "gloo")
+    gen = GenerateJob(model_path=lm_dir, device="cpu", precision="fp32", prompts=[s[:5] for s in seqs[:11]],
+                      cfg=cfg, eos_id=1, pad_id=PAD, greedy=False, progress=False, desc="generate")
+    s1, s2 = infer(gen, 1, "gloo"), infer(gen, 2, "gloo")
     assert s1[0] == s2[0]  # the same samples whatever the sharding
     np.testing.assert_allclose(np.array(s2[1]), np.array(s1[1]), atol=1e-5)
 
     rm_dir = tmp_path / "rm"
     RewardModel.for_training(RewardModelConfig(backbone_path=lm_dir, lora_r=4, lora_alpha=8)
                              ).save_pretrained(str(rm_dir))
-    rm_args = {"sequences": seqs, "response_starts": starts, "batch_size": 4}
-    r1 = infer(InferenceJob("rewards", str(rm_dir), "cpu", rm_args), 1, "gloo")
-    r2 = infer(InferenceJob("rewards", str(rm_dir), "cpu", rm_args), 2, "gloo")
+    rewards = RewardsJob(model_path=str(rm_dir), device="cpu", precision="fp32", sequences=seqs,
+                         response_starts=starts, batch_size=4)
+    r1, r2 = infer(rewards, 1, "gloo"), infer(rewards, 2, "gloo")
     np.testing.assert_allclose(r2, r1, rtol=0, atol=1e-6)
 
 
@@ -258,12 +263,12 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path, processes)
     assert subprocess.run([sys.executable, SCALE_WORKER, str(out), "4", "0"],
                           capture_output=True, timeout=600).returncode == 0
     model = GPT2LMHeadModel.from_pretrained(out / "lm")
-    params = base_params("dpo", {"train.steps": 6, "train.checkpoint_dir": str(out / "ckpt"),
-                                 "train.checkpoint_every": 2, "train.resume": True,
+    params = base_params("dpo", {"train.steps": 6, "train.checkpoint_every": 2, "train.resume": True,
                                  "train.progress": False, "device": "cpu"})
-    job = PolicyJob("dpo", str(out / "lm"), params, _pairs(8, 0), Split([], []))
+    job = DpoJob(model_path=str(out / "lm"), params=DpoParams.parse(params), train=_pairs(8, 0),
+                 val=Split([], []), checkpoint_dir=str(out / "ckpt"))
     with pytest.raises(ValueError, match="written by 2 processes; resume with num_processes: 2"):
-        fit("policy", job, 1, "gloo", "cpu", lambda: model, GPT2LMHeadModel.from_pretrained)
+        fit(job, 1, "gloo", "cpu", lambda: model, GPT2LMHeadModel.from_pretrained)
 
 
 def test_fsdp_on_cpu_is_refused_rather_than_run_as_ddp(lm_dir, processes):
@@ -272,3 +277,89 @@ def test_fsdp_on_cpu_is_refused_rather_than_run_as_ddp(lm_dir, processes):
     with pytest.raises(WorkerError, match=r"train.strategy = 'fsdp' needs GPUs.*use strategy: ddp"):
         _policy_pair("dpo", lm_dir, _pairs(12, 0), _pairs(4, 1), None, 4, steps=1,
                      **{"train.strategy": "fsdp"})
+
+
+def _dpo_job(lm_dir: str, ckpt: Path, train: Split, **overrides) -> DpoJob:
+    params = base_params("dpo", {"train.steps": 4, "train.batch_size": 4, "train.warmup_steps": 1,
+                                 "train.eval_every": 0, "train.progress": False, "train.checkpoint_every": 2,
+                                 "device": "cpu", **overrides})
+    return DpoJob(model_path=lm_dir, params=DpoParams.parse(params), train=train, val=Split([], []),
+                  checkpoint_dir=str(ckpt))
+
+
+def test_resume_continues_only_the_run_that_wrote_the_checkpoint(lm_dir, tmp_path):
+    """A checkpoint records what produced it (start model, data, every parameter that changes the
+    result): resuming after a β change, or on other data, is refused naming what differs; the same
+    run resumes (here: from its last checkpoint at step 4, nothing left to do)."""
+    ckpt, data = tmp_path / "ckpt", _pairs(8, 0)
+    model, first, _ = _dpo_job(lm_dir, ckpt, data).run()
+    assert first.steps == 4 and (ckpt / "last").is_dir()
+    with pytest.raises(ValueError, match=r"comes from another run.*params\.beta: 0\.05 -> 0\.2") as e:
+        _dpo_job(lm_dir, ckpt, data, **{"beta": 0.2, "train.resume": True}).run()
+    assert "train_data" not in str(e.value) and "start_model" not in str(e.value)
+    with pytest.raises(ValueError, match=r"differs in train_data: "):
+        _dpo_job(lm_dir, ckpt, _pairs(8, 1), **{"train.resume": True}).run()
+    again, resumed, _ = _dpo_job(lm_dir, ckpt, data, **{"train.resume": True, "train.progress": True}).run()
+    assert resumed.steps == 4 and resumed.history["loss"] == first.history["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
+
+
+def test_typed_jobs_round_trip_through_the_worker_entry_point(lm_dir, tmp_path):
+    """A job pickled for the workers comes back as its own type with validated parameters, and
+    ``worker`` dispatches on that type: a training job leaves the model and result that
+    ``job.run`` gives in the process; an inference job leaves this rank's shard; anything else is
+    refused naming what it is."""
+    import pickle
+
+    from rpo_pipeline.jobs import read_fitted, run_inference, worker, write_job
+
+    job = _dpo_job(lm_dir, tmp_path / "unused", _pairs(8, 0), **{"train.steps": 2, "train.checkpoint_every": 0})
+    back = pickle.loads(pickle.dumps(job))
+    assert type(back) is DpoJob and isinstance(back.params, DpoParams) and back.params == job.params
+    (tmp_path / "fit").mkdir()
+    write_job(job, tmp_path / "fit")
+    worker(str(tmp_path / "fit"))
+    model, result, _ = read_fitted(tmp_path / "fit", GPT2LMHeadModel.from_pretrained)
+    here, here_result, _ = job.run()
+    assert result.history["loss"] == pytest.approx(here_result.history["loss"], rel=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(),
+                                                          here.state_dict().values(), strict=True)) < 1e-6
+
+    g = torch.Generator().manual_seed(3)
+    infer_job = ResponseLogpsJob(model_path=lm_dir, device="cpu", precision="fp32",
+                                 input_ids=[_seq(g) for _ in range(5)], response_starts=[2] * 5,
+                                 batch_size=2, progress=False)
+    (tmp_path / "infer").mkdir()
+    write_job(infer_job, tmp_path / "infer")
+    worker(str(tmp_path / "infer"))
+    shard = pickle.loads((tmp_path / "infer" / "shard_0.pkl").read_bytes())
+    np.testing.assert_array_equal(shard[0], run_inference(infer_job)[0])
+
+    (tmp_path / "bad").mkdir()
+    write_job({"kind": "dpo"}, tmp_path / "bad")
+    with pytest.raises(TypeError, match="holds a dict, not a job"):
+        worker(str(tmp_path / "bad"))
+
+
+def test_torchrun_runs_a_written_job_through_the_module_entry_point(lm_dir, tmp_path, processes):
+    """`torchrun --nproc-per-node=2 -m rpo_pipeline.jobs DIR` (the cluster path: the job written to
+    a shared folder, the process group from torchrun's environment) trains what the same job
+    trains in this process."""
+    import shutil
+
+    from rpo_pipeline.jobs import read_fitted, write_job
+
+    job = _dpo_job(lm_dir, tmp_path / "unused", _pairs(8, 0), **{"train.steps": 2, "train.checkpoint_every": 0})
+    write_job(job, tmp_path)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    done = processes.run([torchrun, "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                          "--rdzv-endpoint=127.0.0.1:0", "-m", "rpo_pipeline.jobs", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**processes.env, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, result, _ = read_fitted(tmp_path, GPT2LMHeadModel.from_pretrained)
+    here, here_result, _ = job.run()
+    np.testing.assert_allclose(result.history["loss"], here_result.history["loss"], rtol=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(),
+                                                          here.state_dict().values(), strict=True)) < 1e-5

@@ -5,6 +5,7 @@ and a registered model seeding the next run."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 
 import numpy as np
@@ -106,28 +107,30 @@ def test_the_notebook_runs_against_the_run(tiny_run, monkeypatch):
     _run_notebook(tiny_run.project, monkeypatch)
 
 
-def test_a_registered_model_seeds_the_next_run(tiny_run, tmp_path, monkeypatch):
+def test_a_registered_model_seeds_the_next_run(tiny_run, tiny_run_copy):
     """Base model and reward-model backbone by models:/ URI, in a copy of the run's project (its
     own store, so the shared run's registry is left as it was)."""
-    from helpers import run_kedro
+    from helpers import mlflow_runs, run_kedro
 
-    project = tmp_path / "project"
-    shutil.copytree(tiny_run.project, project)
-    mlflow_yml = project / "conf" / "base" / "mlflow.yml"
-    mlflow_yml.write_text(mlflow_yml.read_text().replace(str(tiny_run.project / "mlflow.db"),
-                                                         str(project / "mlflow.db")))
-    monkeypatch.chdir(project)
+    project = tiny_run_copy
     data = project / "data"
     dpo_weights = (data / "06_models/dpo_policy/model.safetensors").read_bytes()
-    monkeypatch.setenv("RPO_PIPELINE_CACHE", str(tmp_path / "cache"))
     run_kedro(project, ["reward_model"], runtime_params={
         **tiny_run.params, "base_model.name_or_path": "models:/rpo_pipeline.dpo_policy/latest",
         "reward_model.backbone": "models:/rpo_pipeline.dpo_policy/1"})
-    cached = tmp_path / "cache/models/rpo_pipeline.dpo_policy/v1"
-    assert (cached / "model.safetensors").read_bytes() == dpo_weights
+    # each source resolved by its catalog entry: pinned to version 1, downloaded into its folder
+    base = data / "06_models/sources/base_model/rpo_pipeline.dpo_policy/v1"
+    backbone = data / "06_models/sources/reward_model_backbone/rpo_pipeline.dpo_policy/v1"
+    assert (base / "model.safetensors").read_bytes() == dpo_weights
+    assert (backbone / "model.safetensors").read_bytes() == dpo_weights
     assert (data / "06_models/base_model/model.safetensors").read_bytes() == dpo_weights
     config = (data / "06_models/reward_model/reward_model.json").read_text()
-    assert f'"backbone_path": "{cached}"' in config
+    assert f'"backbone_path": "{backbone}"' in config
+    source = json.loads((data / "06_models/sources/base_model/source.json").read_text())
+    assert source == {"requested": "models:/rpo_pipeline.dpo_policy/latest",
+                      "resolved": "models:/rpo_pipeline.dpo_policy/1", "path": str(base)}
+    tags = mlflow_runs(project)[0].data.tags  # the resolved version, logged with the run
+    assert tags["rpo_pipeline.source.base_model.name_or_path"] == "models:/rpo_pipeline.dpo_policy/1"
 
 
 def _serve_one_request(project, prompts: pd.DataFrame, processes) -> None:

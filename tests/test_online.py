@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,11 +11,14 @@ import torch
 from helpers import DEFAULT_DATA, base_params
 
 from rpo_pipeline.base_model import make_base_model
-from rpo_pipeline.datasets import PretrainedDirDataset, read_preference_files
+from rpo_pipeline.datasets import CheckpointDir, ModelSource, PretrainedDirDataset, read_preference_files
 from rpo_pipeline.online import round_prompts, sample_groups
 from rpo_pipeline.params import BaseModelParams, ParameterError, RpoOnlineParams
 from rpo_pipeline.preference_groups import assign_splits, ingest
 from rpo_pipeline.text_format import format_prompts, tokenize_prompts
+
+NO_MODEL = ModelSource(None, None)  # gold_judge_model of a judge without a model (VADER)
+NO_CHECKPOINTS = CheckpointDir(Path("unused"))  # rpo_online.train.checkpoint_every is 0
 
 
 def _prompts(n_train: int) -> pd.DataFrame:
@@ -50,13 +55,23 @@ def test_online_rounds_need_two_samples_per_prompt():
         RpoOnlineParams.parse(base_params("rpo_online", {"sampling.n_samples": 1}))
 
 
+def _shape_params(rounds: int, judge: str) -> dict:
+    return {"rpo_online": base_params("rpo_online", {"rounds": rounds}),
+            "generate_preferences": base_params("generate_preferences", {"judge": judge})}
+
+
 def test_rounds_are_unrolled_in_order_without_cycles():
-    from rpo_pipeline.pipeline_registry import register_pipelines, run_shape, set_run_shape
+    from kedro.framework.project import pipelines
+
+    from rpo_pipeline.pipeline_registry import PIPELINES_MODULE, configure_run_shape, register_pipelines, run_shape
 
     before = run_shape()
+    pipelines.configure(PIPELINES_MODULE)
     try:
         for rounds in (1, 3):
-            set_run_shape(rounds, "gold")
+            configure_run_shape(_shape_params(rounds, "gold"))
+            assert len([n for n in pipelines["rpo_online"].nodes  # Kedro's pipelines rebuilt
+                        if n.name.endswith(".train_round")]) == rounds
             online = register_pipelines()["rpo_online"]
             names = [n.name for n in online.nodes]  # topologically sorted: fails on a cycle
             mine = [n for n in names if n.startswith("rpo_online.round_")]
@@ -76,7 +91,7 @@ def test_rounds_are_unrolled_in_order_without_cycles():
             last = by_name[f"rpo_online.round_{rounds}.train_round"]
             assert "rpo_online.policy_model" in last.outputs
     finally:
-        set_run_shape(**before)
+        configure_run_shape(_shape_params(before["rounds"], before["judge"]))
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +133,14 @@ def test_one_online_round_raises_the_reward_model_score_of_the_policy_samples(ti
 
     def rm_score_of_samples(handle, round_index):
         s = sample_round(handle, tok, prompts, params, round_index=round_index)
-        return label_round(s, rm, policy, tok, {"mean": 0.0, "std": 1.0}, groups, params,
+        return label_round(s, rm, policy, tok, {"mean": 0.0, "std": 1.0}, groups, NO_MODEL, params,
                            base_params("evaluation"), base_params("reward_model"))
 
     labelled = rm_score_of_samples(policy, 1)
     assert labelled["ref_logp"].lt(0).all() and labelled["target"].notna().all()
     assert labelled["gold"].between(0, 1).all()  # VADER on the decoded completions, to monitor
     np.testing.assert_allclose(labelled["ref_logp"], labelled["logp"], atol=1e-3)  # π = π_ref
-    model, history, metrics = train_round(policy, tok, labelled, params, round_index=1)
+    model, history, metrics = train_round(policy, tok, labelled, NO_CHECKPOINTS, params, round_index=1)
     assert history["loss"] and set(history) < set(metrics)  # the history is the curves only
     assert metrics["sample_reward_mean"][0]["value"] == pytest.approx(labelled["reward"].mean())
     assert metrics["sample_gold_mean"][0]["value"] == pytest.approx(labelled["gold"].mean())
@@ -133,7 +148,7 @@ def test_one_online_round_raises_the_reward_model_score_of_the_policy_samples(ti
     assert 0 <= metrics["rm_gold_pair_accuracy"][0]["value"] <= 1
     # gold never feeds training: the same round with other gold scores trains the same weights
     shuffled = labelled.assign(gold=labelled["gold"].sample(frac=1.0, random_state=0).to_numpy())
-    other, _, _ = train_round(policy, tok, shuffled, params, round_index=1)
+    other, _, _ = train_round(policy, tok, shuffled, NO_CHECKPOINTS, params, round_index=1)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(),
                                                   strict=True))
     PretrainedDirDataset(filepath=str(root / "round_1")).save(model)
@@ -164,7 +179,7 @@ def test_generate_preferences_writes_the_canonical_schema(tiny):
     n_val = min(6, int((prompts["split"] == "val").sum()))
     assert len(samples) == 4 * (6 + n_val)
     for judge, (out, metrics) in {
-            "gold": judge_with_gold(samples, groups, base_params("evaluation")),
+            "gold": judge_with_gold(samples, groups, NO_MODEL, base_params("evaluation")),
             "reward_model": judge_with_reward_model(samples, groups, rm, tok, params)}.items():
         assert list(out.columns) == [*GROUP_COLUMNS, "split"], judge
         assert list(groups.columns) == [*GROUP_COLUMNS, "split"]  # what data_processing writes
@@ -179,7 +194,7 @@ def test_generate_preferences_writes_the_canonical_schema(tiny):
         pairs = groups_to_pairs(out)
         assert (pairs["score_chosen"] > pairs["score_rejected"]).all()
         assert len(format_groups(out)) == 4 * len(out)
-    gold = judge_with_gold(samples, groups, base_params("evaluation"))[0]
+    gold = judge_with_gold(samples, groups, NO_MODEL, base_params("evaluation"))[0]
     texts = [t for r in gold["responses"] for t in r]
     from rpo_pipeline.evaluation import vader_positivity
     np.testing.assert_allclose([s for r in gold["scores"] for s in r], vader_positivity(texts))
@@ -196,7 +211,7 @@ def _round_setup(tiny, overrides):
     params = base_params("rpo_online", {"device": "cpu", "prompts_per_round": 48,
                                         "sampling.max_new_tokens": 12, **overrides})
     samples = sample_round(policy, tok, prompts, params, round_index=1)
-    labelled = label_round(samples, rm, policy, tok, {"mean": 0.0, "std": 1.0}, groups, params,
+    labelled = label_round(samples, rm, policy, tok, {"mean": 0.0, "std": 1.0}, groups, NO_MODEL, params,
                            base_params("evaluation"), base_params("reward_model"))
     return params, policy, tok, rm, labelled
 

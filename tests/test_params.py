@@ -174,9 +174,6 @@ RULES = [
      "reward_model.compute_dtype = 'bfloat16' would be ignored"),
     ({"base_model.load_args.torch_dtype": "float16"}, "base_model.load_args = {'torch_dtype': 'float16'} would "
                                                       "be ignored: builtin:tiny-gpt2 is built from config"),
-    ({"dpo.train.checkpoint_dir": None}, "dpo.train.checkpoint_every is 40 but checkpoint_dir is null"),
-    ({"rpo.train.checkpoint_dir": None, "rpo.train.checkpoint_every": 0, "rpo.train.resume": True},
-     "rpo.train.resume is true but checkpoint_dir is null"),
     ({"reference.sft.patience": 3}, "reference.sft.patience is 3 but eval_every is 0"),
     ({"reward_model.finetune": "full"}, "reward_model.finetune = 'full' trains every backbone weight, "
                                         "which a 4-bit backbone cannot"),
@@ -282,3 +279,49 @@ def test_cli_refuses_a_bad_setting_before_any_node_runs(project_copy):
     assert seconds < 60, seconds
     assert not any((project_copy / "data" / "02_intermediate").iterdir())  # no node ran
     assert not (project_copy / "mlflow.db").exists()  # no MLflow run was opened
+
+
+def _fake_hub_cache(root: Path, hub_id: str, sha: str = "c" * 40) -> None:
+    """``hub_id`` as the Hugging Face cache holds a downloaded snapshot (its config.json)."""
+    repo = root / f"models--{hub_id.replace('/', '--')}"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "snapshots" / sha / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize("key", ["reward_model.backbone", "base_model.name_or_path"])
+def test_a_hub_id_offline_and_uncached_is_refused_before_any_node_runs_naming_the_key(
+        project, empty_hub_cache, monkeypatch, key):
+    """With the Hub switched off (HF_HUB_OFFLINE, as `make` sets it) a Hub id that is not in the
+    local cache fails when the Kedro context is created, naming the key and what it needs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = " ".join(context_error(project, {key: "org/not-downloaded"}).split())
+    assert f"{key} = 'org/not-downloaded' is a Hugging Face Hub id that is not in the local" in message
+    assert "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set: this run needs the model locally or network access" \
+        in message
+    assert not (project / "data").exists()  # nothing ran
+
+
+def test_a_hub_id_with_the_hub_unreachable_is_refused_and_a_cached_one_passes(project, empty_hub_cache,
+                                                                             monkeypatch):
+    from rpo_pipeline import sources
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(sources, "hub_reachable", lambda timeout_s=3.0: False)
+    message = " ".join(context_error(project, {"reward_model.backbone": "org/elsewhere"}).split())
+    assert "reward_model.backbone = 'org/elsewhere'" in message and "huggingface.co cannot be reached" in message
+    _fake_hub_cache(empty_hub_cache, "org/tiny")
+    params = context_params(project, {"reward_model.backbone": "org/tiny"})  # in the cache: no network needed
+    assert params["reward_model"]["backbone"] == "org/tiny"
+    assert sources.unavailable_models({"reward_model": {"backbone": "sft"}, "base_model": {
+        "name_or_path": "builtin:tiny-gpt2"}}) == []  # not Hub ids

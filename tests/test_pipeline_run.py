@@ -4,6 +4,7 @@ session's shared tiny evaluation run (``tiny_run``, conftest.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -140,7 +141,7 @@ def test_dpo_logs_trl_metrics_and_saves_policy(tiny_run):
 
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(tiny_run.run.info.run_id, "dpo_policy")]
     assert "dpo_policy/model.safetensors" in artifacts
-    assert (tiny_run.project / "data/06_models/dpo_checkpoints/last/trainer_state.json").exists()
+    assert (tiny_run.project / "data/06_models/checkpoints/dpo/last/trainer_state.json").exists()
 
 
 def test_dpo_unknown_loss_fails_at_start_with_valid_names(project_copy):
@@ -253,31 +254,53 @@ def test_online_rounds_log_per_round_metrics(tiny_run):
     assert len(samples) == 2 * 8 and samples["group_id"].nunique() == 8
 
 
-def test_generated_pipeline_trains_every_method_on_generated_preferences(project_copy):
-    """`--pipelines=generated` (tiny sizes): π_SFT's samples judged by VADER become the groups
-    that the reward model, dpo, rpo and rpo_online train on; evaluation on the test prompts."""
-    params = {**TINY_RUN, "reward_model.train.steps": 2, "reward_model.train.progress": False,
-              "reward_model.device": "cpu", "dpo.train.steps": 2, "dpo.train.progress": False,
-              "dpo.device": "cpu", "rpo.train.steps": 2, "rpo.train.progress": False,
-              "rpo.device": "cpu", **TINY_ONLINE,
+def _default_outputs(data: Path) -> dict[str, str]:
+    """Digest of every model folder and output file of the default pipeline (``generated/`` and
+    what generate_preferences writes excluded)."""
+    from rpo_pipeline.fingerprint import hash_dir, hash_file
+
+    out = {}
+    for layer in ("06_models", "07_model_output", "08_reporting"):
+        for path in sorted((data / layer).rglob("*")):
+            rel = path.relative_to(data)
+            if "generated" in rel.parts[1] or rel.parts[1] == "sources" or ".gitkeep" in rel.name:
+                continue
+            if path.is_file():
+                out[str(rel)] = hash_file(path)
+    for model in sorted((data / "06_models").iterdir()):
+        if model.is_dir() and model.name not in ("generated", "sources"):
+            out[f"{model.name}/"] = hash_dir(model)
+    return out
+
+
+def test_generated_pipeline_trains_every_method_on_generated_preferences(tiny_run, tiny_run_copy):
+    """`--pipelines=generated` (tiny sizes) after the default stages: π_SFT's samples judged by
+    VADER become the groups that the reward model, dpo, rpo and rpo_online train on, evaluation
+    on the test prompts; everything it trains and reports sits under ``generated/``, and every
+    model and output file of the default run is left byte for byte as it was."""
+    project = tiny_run_copy
+    data = project / "data"
+    before = _default_outputs(data)
+    assert {"sft_model/", "reward_model/", "dpo_policy/", "rpo_policy/", "rpo_online_policy/"} <= set(before)
+    params = {**tiny_run.params,
               "generate_preferences.max_prompts": 16, "generate_preferences.progress": False,
               "generate_preferences.sampling.max_new_tokens": 8,
-              "generate_preferences.device": "cpu",
-              "evaluation.max_prompts": 4, "evaluation.sampling.n_samples": 2,
-              "evaluation.sampling.max_new_tokens": 6, "evaluation.progress": False,
-              "evaluation.device": "cpu"}
-    run_kedro(project_copy, ["generated"], runtime_params=params)
-    m = mlflow_runs(project_copy)[0].data.metrics
+              "generate_preferences.device": "cpu"}
+    run_kedro(project, ["generated"], runtime_params=params)
+    m = mlflow_runs(project)[0].data.metrics
     assert m["generate_preferences.groups"] == 32 and m["generate_preferences.responses"] == 128
-    gen = pd.read_parquet(project_copy / "data/03_primary/generated_preferences.parquet")
+    gen = pd.read_parquet(data / "03_primary/generated_preferences.parquet")
     assert set(gen["split"]) == {"train", "val"} and gen["responses"].map(len).eq(4).all()
-    scores = pd.read_parquet(project_copy / "data/07_model_output/reward_scores.parquet")
-    assert len(scores) == 128  # the reward model scored the generated responses
-    cache = pd.read_parquet(project_copy / "data/07_model_output/reference_logprobs.parquet")
-    assert len(cache) == 128  # the generated responses' reference log-probs, one cache
+    scores = pd.read_parquet(data / "07_model_output/generated/reward_scores.parquet")
+    assert len(scores) == 128  # the generated reward model scored the generated responses
+    cache = pd.read_parquet(data / "07_model_output/generated/reference_logprobs.parquet")
+    assert len(cache) == 128  # the generated responses' reference log-probs, their own cache
     for policy in ("dpo", "rpo", "rpo_online"):
+        assert (data / f"06_models/generated/{policy}_policy/model.safetensors").is_file()
         assert f"evaluation.{policy}.gold_reward_mean" in m
         assert f"evaluation.{policy}.preference_accuracy" not in m  # no test pairs generated
+    after = _default_outputs(data)
+    assert after == before, sorted(k for k in before if after.get(k) != before[k])
 
 
 def test_sweep_script_logs_each_point_under_one_parent_run(project_copy):

@@ -70,7 +70,7 @@ def test_inference_jobs_run_in_the_chosen_precision(tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rpo_pipeline.jobs import InferenceJob, autocast, run_inference
+    from rpo_pipeline.jobs import ResponseLogpsJob, autocast, run_inference
 
     torch.manual_seed(0)
     path = tmp_path / "gpt2"
@@ -78,9 +78,9 @@ def test_inference_jobs_run_in_the_chosen_precision(tmp_path):
                     ).save_pretrained(path)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(2, 64, (int(n),), generator=g).tolist() for n in (12, 9, 15, 7)]
-    args = {"input_ids": seqs, "response_starts": [4, 3, 4, 2], "batch_size": 2,
-            "progress": False}
-    run = {prec: run_inference(InferenceJob("response_logps", str(path), "cpu", args, precision=prec))[0]
+    run = {prec: run_inference(ResponseLogpsJob(model_path=str(path), device="cpu", precision=prec,
+                                                input_ids=seqs, response_starts=[4, 3, 4, 2],
+                                                batch_size=2, progress=False))[0]
            for prec in ("fp32", "bf16")}
     assert isinstance(autocast("fp32", "cpu"), contextlib.nullcontext)
     assert isinstance(autocast("bf16", "cpu"), torch.autocast)

@@ -10,6 +10,7 @@ from helpers import DEFAULT_DATA, base_params, train_config
 
 from rpo_pipeline.base_model import make_base_model
 from rpo_pipeline.datasets import (
+    CheckpointDir,
     FingerprintedParquetDataset,
     PretrainedDirDataset,
     read_preference_files,
@@ -176,7 +177,7 @@ def test_cache_table_has_no_test_split(data, saved):
     assert isinstance(out.value, pd.DataFrame)
 
 
-def test_policy_training_with_lora_reads_only_the_cache_and_merges(data, saved):
+def test_policy_training_with_lora_reads_only_the_cache_and_merges(data, saved, tmp_path):
     """DPO node: LoRA adapters train and are merged; π_ref's log-probs come from the cache table."""
     from rpo_pipeline.pipelines.policy_training.nodes import train_dpo_policy
 
@@ -187,9 +188,9 @@ def test_policy_training_with_lora_reads_only_the_cache_and_merges(data, saved):
         "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]},
         "train.steps": 6, "train.batch_size": 8, "train.lr": 1e-2, "train.warmup_steps": 0,
         "train.progress": False, "train.log_every": 2, "train.eval_every": 3,
-        "train.checkpoint_every": 0, "train.checkpoint_dir": None})
+        "train.checkpoint_every": 0})
     policy, curve, history, metrics = train_dpo_policy(base, tok, data["tokenized"], data["pairs"],
-                                                       ref.value, params,
+                                                       ref.value, CheckpointDir(tmp_path / "ckpt"), params,
                                                        base_params("evaluation", {"curve.points": 3}))
     assert history["eval_rewards/accuracies"] == metrics["eval_rewards/accuracies"]
     assert not hasattr(policy, "peft_config")  # merged back into a plain causal LM

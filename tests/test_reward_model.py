@@ -176,13 +176,14 @@ def test_ensemble_of_two_scores_with_a_spread_and_min_below_mean(setup, tmp_path
     counts = np.array([i.member_weights for i in items])
     assert counts.shape == (len(items), 2) and (counts.sum(0) == len(items)).all()
     assert (counts[:, 0] != counts[:, 1]).any()  # each member its own resample
-    from rpo_pipeline.jobs import RewardModelJob, Split, fit_reward_model
+    from rpo_pipeline.jobs import RewardModelJob, Split
+    from rpo_pipeline.params import RewardModelParams
 
     params = base_params("reward_model", {"device": "cpu", "comparisons": "pairs", "ensemble.members": 2,
                                           "train.steps": 4, "train.lr": 1e-2, "train.warmup_steps": 0,
                                           "train.batch_size": 8, "train.progress": False})
-    job = RewardModelJob(model.config, params, Split(items, lengths))
-    model, result, _ = fit_reward_model(job, model)  # one member after another, each its resample
+    job = RewardModelJob(config=model.config, params=RewardModelParams.parse(params), train=Split(items, lengths))
+    model, result, _ = job.run(model)  # one member after another, each its resample
     moved = {n.split(".")[-2] for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(lora[n], p)}
     assert moved == {"default", "member_1"}, moved
     assert model.member is None and len(result.history["loss"]) == 1  # member 0's curve, 4 steps

@@ -9,16 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import base_params
+
+ROUNDS = base_params("rpo_online")["rounds"]
 STAGES = {
-    "data_processing": {"ingest_preferences", "split_by_prompt", "make_pairs", "build_base_model",
-                        "format_responses", "tokenize_responses", "tokenize_prompts",
-                        "tokenize_sft_targets", "summarize_data"},
+    "data_processing": {"ingest_preferences", "split_by_prompt", "make_pairs", "resolve_base_model_source",
+                        "resolve_gold_judge_model", "build_base_model", "format_responses",
+                        "tokenize_responses", "tokenize_prompts", "tokenize_sft_targets", "summarize_data"},
     "reference": {"train_sft", "build_reference_cache"},
-    "reward_model": {"train_reward_model", "score_responses_with_reward_model",
-                     "reward_normalization", "package_reward_model"},
+    "reward_model": {"resolve_reward_model_backbone", "train_reward_model",
+                     "score_responses_with_reward_model", "reward_normalization", "package_reward_model"},
     "dpo": {"dpo.train_policy"},
     "rpo": {"rpo.train_policy"},
-    "rpo_online": {f"rpo_online.round_{r}.{step}" for r in range(1, 5)  # rpo_online.rounds: 4
+    "rpo_online": {f"rpo_online.round_{r}.{step}" for r in range(1, ROUNDS + 1)
                    for step in ("sample_round", "label_round", "train_round")}
                   | {"rpo_online.count_gold_labels"},
     "evaluation": {"evaluation.sample_reference", "evaluation.sample_dpo", "evaluation.sample_rpo",
@@ -73,3 +76,27 @@ def test_kedro_viz_build_exports_every_pipeline_node_and_layer(project_copy: Pat
         api = json.loads((project_copy / "build" / "api" / "pipelines" / name).read_text())
         names = {n["full_name"] for n in api["nodes"] if n["type"] == "task"}
         assert names == expected_nodes(name), name
+
+
+def test_the_generated_catalog_mirrors_every_entry_the_generated_pipeline_writes():
+    """conf/base/catalog_generated.yml is what scripts/generated_catalog.py writes from catalog.yml
+    (rerun it after changing either), and every dataset `--pipelines=generated` writes under its
+    namespace has an entry there (none falls back to memory, none writes where __default__ does)."""
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("generated_catalog", ROOT / "scripts" / "generated_catalog.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--check"]) == 0
+    patterns = [k for k in yaml_keys(ROOT / "conf/base/catalog_generated.yml")]
+    missing = sorted(n for n in script.needed_names() if not any(script._matches(k, n) or k == n for k in patterns)
+                     and n not in yaml_keys(ROOT / "conf/base/catalog.yml"))
+    assert not missing, missing
+
+
+def yaml_keys(path: Path) -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load(path.read_text()))

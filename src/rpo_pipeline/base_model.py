@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
@@ -19,12 +19,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.pytorch_utils import Conv1D
 
-if TYPE_CHECKING:
-    from rpo_pipeline.params import BaseModelParams
+from rpo_pipeline.params import BaseModelParams
 
 log = logging.getLogger(__name__)
-BUILTIN_TINY_GPT2 = "builtin:tiny-gpt2"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
@@ -52,16 +51,12 @@ def build_tiny_gpt2(tokenizer: PreTrainedTokenizerFast, n_layer: int = 4, n_embd
 
 
 def load_pretrained(name_or_path: str, **load_args: Any) -> tuple[PreTrainedModel, Any]:
-    """Causal LM and its own tokenizer from a local directory, a Hub id, or a ``models:/`` URI of
-    a policy or reward model this project registered (``mlflow_models.causal_lm_dir``).
+    """Causal LM and its own tokenizer from a local directory or a Hub id (a registered
+    ``models:/`` URI reaches here as the local directory ``datasets.ModelSourceDataset`` made).
 
     A tokenizer without a pad token gets its EOS token as pad (logged): padding is always masked
     (attention and loss masks come from lengths, never from the pad id), so sharing the id is safe.
     """
-    if name_or_path.startswith("models:/"):  # a registered policy or reward model of this project
-        from rpo_pipeline.mlflow_models import causal_lm_dir
-
-        name_or_path = causal_lm_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.eos_token is None:
         raise ValueError(f"{name_or_path}: the tokenizer has no EOS token; responses end with EOS, so "
@@ -98,8 +93,6 @@ def linear_layer_names(model: torch.nn.Module) -> set[str]:
     """Last name components of the model's linear layers (Linear, GPT-2 Conv1D, bnb Linear4bit)
     and input embeddings (peft's LoRA adapts those too: a low-rank per-token update), the output
     embedding excluded: what ``lora.target_modules`` can name."""
-    from transformers.pytorch_utils import Conv1D
-
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear | Conv1D | torch.nn.Embedding) and m is not out_emb
@@ -128,9 +121,11 @@ def lora_target_modules(model: torch.nn.Module, spec: str | list[str], key: str 
     return list(spec)
 
 
-def make_base_model(params: BaseModelParams, training_texts: Iterable[str]
+def make_base_model(params: BaseModelParams, training_texts: Iterable[str], name_or_path: str | None = None
                     ) -> tuple[PreTrainedModel, Any]:
-    """Base model and tokenizer as configured by the ``base_model`` parameters.
+    """Base model and tokenizer as configured by the ``base_model`` parameters; a pretrained one
+    is read from ``name_or_path`` (``params.name_or_path`` as the run resolved it: a registered
+    model's local copy), by default ``params.name_or_path`` itself.
 
     ``chat_template`` (when set) replaces the tokenizer's chat template, builtin or pretrained.
     """
@@ -141,7 +136,7 @@ def make_base_model(params: BaseModelParams, training_texts: Iterable[str]
             model_max_length=params.model.n_positions)
         model = build_tiny_gpt2(tokenizer, seed=params.seed, **params.model.model_dump())
     else:
-        model, tokenizer = load_pretrained(params.name_or_path, **params.load_args)
+        model, tokenizer = load_pretrained(name_or_path or params.name_or_path, **params.load_args)
     if params.chat_template is not None:
         tokenizer.chat_template = params.chat_template
     return model, tokenizer

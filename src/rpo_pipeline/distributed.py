@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 def _worker(fn: Callable[..., Any], args: tuple, backend: str, timeout_s: float, threads: int) -> Any:
     """In each worker: threads, process group, the function, clean-up."""
-    import torch
+    import torch  # in the spawned worker
     import torch.distributed as dist
 
     if backend == "gloo":
@@ -97,7 +97,7 @@ def run_workers(fn: Callable[..., Any], args: tuple = (), num_processes: int = 2
     """
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # the launcher: only with workers
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // num_processes)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from rpo_pipeline.batching import collate
 from rpo_pipeline.params import GOLD_JUDGES, GoldJudgeArgs, SamplingConfig
+from rpo_pipeline.reference import response_logps
 from rpo_pipeline.training import local_device, resolve_device, world
 
 Judge = Callable[[list[str]], np.ndarray]
@@ -103,8 +104,6 @@ def completion_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                       completions: Sequence[Sequence[int]], batch_size: int = 64,
                       device: str = "auto", progress: bool = False) -> np.ndarray:
     """log π(y|x) summed over the completion tokens, for each (prompt, completion)."""
-    from rpo_pipeline.reference import response_logps
-
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
     logp, _ = response_logps(model, seqs, [len(p) for p in prompts], batch_size, device,
                               progress=progress)
@@ -115,7 +114,7 @@ def completion_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
 
 def vader_positivity(texts: Sequence[str]) -> np.ndarray:
     """(compound + 1) / 2 of VADER on each text: 0 = most negative, 1 = most positive."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # only the VADER judge needs it
 
     sia = SentimentIntensityAnalyzer()
     return np.array([(sia.polarity_scores(t)["compound"] + 1) / 2 for t in texts])
@@ -125,7 +124,7 @@ def hf_classifier_positivity(model: str, *, batch_size: int, device: str, positi
                              ) -> Judge:
     """P(positive) from a sentiment classifier (a local path or a Hub id, e.g. the DPO paper's
     ``siebert/sentiment-roberta-large-english``)."""
-    from transformers import pipeline
+    from transformers import pipeline  # only the hf_classifier judge needs it
 
     dev = resolve_device(device)
     clf = pipeline("text-classification", model=model, device=dev, top_k=None)
@@ -142,8 +141,10 @@ def hf_classifier_positivity(model: str, *, batch_size: int, device: str, positi
     return judge
 
 
-def make_gold_judge(name: str, args: GoldJudgeArgs) -> Judge | None:
-    """The configured gold judge (None for ``none``); ``args`` are used by ``hf_classifier``."""
+def make_gold_judge(name: str, args: GoldJudgeArgs, model: str | None = None) -> Judge | None:
+    """The configured gold judge (None for ``none``); ``args`` are used by ``hf_classifier``, whose
+    classifier is read from ``model`` (``args.model`` as the run resolved it, the catalog's
+    ``gold_judge_model``), by default ``args.model`` itself."""
     if name == "vader":
         return vader_positivity
     if name == "none":
@@ -152,7 +153,7 @@ def make_gold_judge(name: str, args: GoldJudgeArgs) -> Judge | None:
         if args.model is None:
             raise ValueError("evaluation.gold_judge hf_classifier needs gold_judge_args.model "
                              "(a local path or Hub id of a sentiment classifier)")
-        return hf_classifier_positivity(args.model, batch_size=args.batch_size, device=args.device,
+        return hf_classifier_positivity(model or args.model, batch_size=args.batch_size, device=args.device,
                                         positive_label=args.positive_label)
     raise ValueError(f"evaluation.gold_judge must be one of {list(GOLD_JUDGES)}, got {name!r}")
 

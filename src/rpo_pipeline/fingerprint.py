@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rpo_pipeline.sources import hub_revision
 from rpo_pipeline.tracking import MetricsPayload, scalars
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -33,6 +34,11 @@ def _feed(h: Any, path: str | Path) -> None:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
+
+
+def hash_bytes(data: bytes) -> str:
+    """Digest of a byte string."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def hash_file(path: str | Path) -> str:
@@ -82,20 +88,10 @@ def hash_dir(path: str | Path, exclude: tuple[str, ...] = (FINGERPRINT_FILE,)) -
 
 def model_source(name_or_path: str) -> Any:
     """A fingerprint part for a model given as a local directory (its bytes) or as a Hub id (the id
-    and the revision it resolves to: the commit of its snapshot in the local Hugging Face cache, or
-    the Hub's current one when it can be asked; ``None`` when neither can be had)."""
+    and the revision it resolves to, ``sources.hub_revision``)."""
     if Path(name_or_path).is_dir():
         return Path(name_or_path)
-    from huggingface_hub import HfApi, snapshot_download
-
-    try:
-        revision = Path(snapshot_download(name_or_path, local_files_only=True)).name
-    except Exception:  # noqa: BLE001 - not cached here: ask the Hub (fails offline)
-        try:
-            revision = HfApi().model_info(name_or_path).sha
-        except Exception:  # noqa: BLE001 - offline and not cached: loading it will say so
-            revision = None
-    return {"hub_id": name_or_path, "revision": revision}
+    return {"hub_id": name_or_path, "revision": hub_revision(name_or_path)}
 
 
 def hash_frame(df: pd.DataFrame) -> str:

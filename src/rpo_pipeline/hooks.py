@@ -10,6 +10,8 @@ from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
 from rpo_pipeline.locks import RUN_LOCK_FILE, RunLock, prepare_sqlite_store, run_info
+from rpo_pipeline.params import GROUPS, POLICY_METHODS, ParameterError, validate_project_params
+from rpo_pipeline.sources import unavailable_models
 
 
 def stage_precisions(params: dict, groups: set[str]) -> dict[str, str]:
@@ -17,7 +19,7 @@ def stage_precisions(params: dict, groups: set[str]) -> dict[str, str]:
     "fp32", "evaluation": "fp32", ...}``, one entry per ``precision`` key under a group, resolved
     on the group's ``device`` (``unresolved`` for a CUDA device on a machine without one: its
     stage fails on the device, not on the precision)."""
-    import torch
+    import torch  # torch and the ML core: imported once a run starts, not by every kedro command
 
     from rpo_pipeline.precision import resolve_precision
     from rpo_pipeline.training import resolve_device
@@ -46,7 +48,8 @@ def stage_precisions(params: dict, groups: set[str]) -> dict[str, str]:
 
 class ValidateParameters:
     """Check every parameter group (``rpo_pipeline.params``) when the Kedro context is created,
-    and that every stage's precision can run on its device (``stage_precisions``).
+    that every stage's precision can run on its device (``stage_precisions``) and that every model
+    named by a Hub id is in the local cache or the Hub is reachable (``sources.unavailable_models``).
 
     The parameters checked are the merged ones (``conf/base`` + ``--env`` + ``--params``), so a bad
     override fails in seconds with every problem listed, instead of minutes into a run. ``tryfirst``
@@ -55,29 +58,19 @@ class ValidateParameters:
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
-        from rpo_pipeline.params import GROUPS, validate_project_params  # heavy imports: only when used
-
         loader = context.config_loader
         sources = ["conf/base"] + ([f"conf/{context.env}"] if context.env else [])
         if loader.runtime_params:
             sources.append("--params")
-        params = validate_project_params(loader["parameters"], source=" + ".join(sources))
+        validate_project_params(loader["parameters"], source=" + ".join(sources))
         stage_precisions(loader["parameters"], set(GROUPS))  # e.g. fp16 on a CPU: refused here
-        self._shape_the_dag(params.rpo_online.rounds, params.generate_preferences.judge,
-                            params.rpo_online.refresh.labels_per_round > 0)
+        missing = unavailable_models(loader["parameters"])  # a Hub id neither cached nor reachable
+        if missing:
+            raise ParameterError("; ".join(missing))
+        # the pipelines import the ML core (torch): only once a context exists, not per kedro command
+        from rpo_pipeline.pipeline_registry import configure_run_shape
 
-    @staticmethod
-    def _shape_the_dag(rounds: int, judge: str, refresh: bool) -> None:
-        """The registry unrolls ``rpo_online.rounds`` rounds (Kedro DAGs have no loops), adds the
-        refresh nodes when ``rpo_online.refresh.labels_per_round`` > 0 and wires
-        ``generate_preferences.judge``, so the pipelines are built from this run's values; built
-        ones with other values are rebuilt."""
-        from kedro.framework.project import pipelines
-
-        from rpo_pipeline.pipeline_registry import set_run_shape
-
-        if set_run_shape(rounds, judge, refresh):
-            pipelines._is_data_loaded = False  # Kedro's lazy cache: rebuilt on next access
+        configure_run_shape(loader["parameters"])  # rounds, refresh and judge shape the DAG
 
 
 class SerializeRuns:
@@ -150,11 +143,10 @@ class TagRuns:
 
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
-        import mlflow
+        import mlflow  # imported once a run starts, not by every kedro command
         import torch
 
-        from rpo_pipeline.params import POLICY_METHODS
-        from rpo_pipeline.precision import device_facts
+        from rpo_pipeline.precision import device_facts  # torch: imported once a run starts
 
         if mlflow.active_run() is None:  # tracking disabled for this pipeline
             return

@@ -115,7 +115,7 @@ def prepare_sqlite_store(uri: str, base: str | Path, timeout: float = 120.0) -> 
     db = sqlite_path(uri, base)
     if db is None:
         return
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy; only for a SQLite store
 
     db.parent.mkdir(parents=True, exist_ok=True)
     with waiting_lock(f"{db}.lock", timeout):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rpo_pipeline.constants import PAIR_LOSS_NAMES, RPO_DISTANCES
+
 
 def token_mean(total: torch.Tensor, tokens: torch.Tensor, batch: dict) -> torch.Tensor:
     """``total / tokens``: a sum over response tokens divided by their number.
@@ -24,7 +26,7 @@ def token_mean(total: torch.Tensor, tokens: torch.Tensor, batch: dict) -> torch.
     weight = batch.get("shard_weight")
     if weight is None:
         return loss
-    import torch.distributed as dist
+    import torch.distributed as dist  # only inside a process group
 
     mine = tokens.detach().to(torch.float64) * float(weight > 0)
     everyone = mine.clone()
@@ -146,7 +148,7 @@ def hinge(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> tor
     return torch.relu(1 - beta * delta)
 
 
-PAIR_LOSSES = {"sigmoid": dpo_sigmoid, "ipo": ipo, "hinge": hinge}
+PAIR_LOSSES = dict(zip(PAIR_LOSS_NAMES, (dpo_sigmoid, ipo, hinge), strict=True))
 AVERAGED_LOGPS = {"ipo"}  # losses defined on per-token averaged log-probs
 
 
@@ -229,9 +231,6 @@ def rpo_group(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
     if distance == "fwd_kl":
         return (lqa.exp() * (lqa - lqb)).sum(-1)
     raise ValueError(f"unknown RPO distance {distance!r}; valid: {RPO_DISTANCES}")
-
-
-RPO_DISTANCES = ["bwd_kl", "fwd_kl", "sq"]
 
 
 def reward_aware_loss_fn(distance: str, beta: float, eta: float, average_logps: bool = False,

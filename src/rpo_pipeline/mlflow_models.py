@@ -47,6 +47,11 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from rpo_pipeline.evaluation import generate
+from rpo_pipeline.params import SamplingConfig
+from rpo_pipeline.reward_model import RewardModel, ensemble_reward, score
+from rpo_pipeline.text_format import format_groups, format_prompts, tokenize_examples, tokenize_prompts
+
 POLICY, REWARD_MODEL = "policy", "reward_model"
 _PARAM_TYPES = {int: "long", float: "double"}
 # what the pyfuncs import; the rpo_pipeline package itself travels as the model's code
@@ -95,7 +100,7 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
     (``evaluation.generate``)."""
 
     def load_context(self, context) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # in the serving process, on load
 
         self.config = context.model_config
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
@@ -103,10 +108,6 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
-        from rpo_pipeline.evaluation import generate
-        from rpo_pipeline.params import SamplingConfig
-        from rpo_pipeline.text_format import format_prompts, tokenize_prompts
-
         fmt, tok = self.config["text_format"], self.tokenizer
         cfg = SamplingConfig.model_validate({**self.config["sampling"], **(params or {})})
         groups = _groups(model_input, [[] for _ in range(len(model_input))])
@@ -127,9 +128,7 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
     ``tokenized_examples`` is."""
 
     def load_context(self, context) -> None:
-        from transformers import AutoTokenizer
-
-        from rpo_pipeline.reward_model import RewardModel
+        from transformers import AutoTokenizer  # in the serving process, on load
 
         self.config = context.model_config
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
@@ -139,9 +138,6 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
-        from rpo_pipeline.reward_model import ensemble_reward, score
-        from rpo_pipeline.text_format import format_groups, tokenize_examples
-
         if "response" not in model_input.columns:
             raise ValueError(f"the input needs 'prompt' and 'response' columns, got "
                              f"{list(model_input.columns)}")
@@ -172,11 +168,19 @@ def signature(bundle: ModelBundle) -> ModelSignature:
                                                         int(bundle.config["batch_size"]))]))
 
 
+def data_example(groups: pd.DataFrame) -> dict[str, str]:
+    """The logged input example, from the data: the first test prompt (else the first prompt) and
+    its first response."""
+    rows = groups[groups["split"] == "test"] if (groups["split"] == "test").any() else groups
+    first = rows.iloc[0]
+    return {"example_prompt": str(first["prompt"]), "example_response": str(list(first["responses"])[0])}
+
+
 def input_example(bundle: ModelBundle) -> pd.DataFrame:
-    prompt = bundle.config.get("example_prompt", "This movie")
+    prompt = bundle.config["example_prompt"]
     if bundle.kind == POLICY:
         return pd.DataFrame({"prompt": [prompt]})
-    return pd.DataFrame({"prompt": [prompt], "response": [bundle.config.get("example_response", "")]})
+    return pd.DataFrame({"prompt": [prompt], "response": [bundle.config["example_response"]]})
 
 
 def _requirements() -> list[str]:
@@ -211,54 +215,3 @@ def log_model(bundle: ModelBundle, name: str, registered_model_name: str | None 
 def load_model(model_uri: str, **kwargs: Any):
     """The pyfunc at ``model_uri`` (``models:/<name>/<version>``, ``runs:/...``)."""
     return mlflow.pyfunc.load_model(model_uri, **kwargs)
-
-
-MODELS_URI = "models:/"
-
-
-def causal_lm_dir(name_or_path: str, cache_dir: str | Path | None = None) -> str:
-    """A registered model (``models:/<name>/<version | alias | latest>``, as ``log_model``
-    registered it) as a local causal-LM directory that ``from_pretrained`` reads: a policy's
-    weights, or a reward model's backbone, with the tokenizer beside them. Downloaded once per
-    name and version under ``cache_dir`` (``$RPO_PIPELINE_CACHE`` or ``~/.cache/rpo_pipeline``).
-    Anything else (a directory, a Hub id) is returned unchanged."""
-    import os
-    import shutil
-    import tempfile
-
-    if not name_or_path.startswith(MODELS_URI):
-        return name_or_path
-    name, _, ref = name_or_path[len(MODELS_URI):].partition("/")
-    if not name or not ref:
-        raise ValueError(f"{name_or_path}: expected models:/<name>/<version | alias | latest>")
-    client = mlflow.MlflowClient()
-    if ref.isdigit():
-        version = ref
-    elif ref == "latest":
-        versions = client.search_model_versions(f"name='{name}'")
-        if not versions:
-            raise ValueError(f"{name_or_path}: no registered model {name!r} in {mlflow.get_registry_uri()}")
-        version = str(max(int(v.version) for v in versions))
-    else:
-        version = client.get_model_version_by_alias(name, ref).version
-    root = Path(cache_dir or os.environ.get("RPO_PIPELINE_CACHE", "~/.cache/rpo_pipeline")).expanduser()
-    target = root / "models" / name / f"v{version}"
-    if not (target / "config.json").is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(f"{MODELS_URI}{name}/{version}",
-                                                             dst_path=tmp))
-            flavor = mlflow.models.Model.load(str(local)).flavors.get("python_function", {})
-            art = {k: local / v["path"] for k, v in flavor.get("artifacts", {}).items()}
-            weights = next((art[k] for k in ("policy", "backbone") if k in art), None)
-            if weights is None or "tokenizer" not in art:
-                raise ValueError(f"{name_or_path}: no causal LM with a tokenizer among its artifacts "
-                                 f"({sorted(art)}); a policy or a reward model logged by this project "
-                                 "has them")
-            staging = target.with_name(target.name + ".tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(art["tokenizer"], staging)
-            shutil.copytree(weights, staging, dirs_exist_ok=True)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-    return str(target)

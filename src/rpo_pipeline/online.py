@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from rpo_pipeline.preference_groups import GROUP_COLUMNS, group_id
+
 KEY = ["group_id", "response_index"]
 
 
@@ -61,8 +63,6 @@ def scored_groups(groups: pd.DataFrame, samples: pd.DataFrame, source: str) -> p
     generator (e.g. ``generated:sft_model``), ``source_row`` the prompt's source row. Identical
     samples of one prompt are kept (they tie, so no pair is made of them; RPO needs K per group).
     """
-    from rpo_pipeline.preference_groups import GROUP_COLUMNS, group_id
-
     by_prompt = groups.set_index("group_id")
     s = samples.sort_values(["group_id", "response_index"], kind="stable")
     recs = []

@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import difflib
 import math
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rpo_pipeline.base_model import BUILTIN_TINY_GPT2
-from rpo_pipeline.losses import PAIR_LOSSES, RPO_DISTANCES
+from rpo_pipeline.constants import (
+    BUILTIN_TINY_GPT2,
+    COMPUTE_DTYPES,
+    PAIR_LOSS_NAMES,
+    REWARD_AGGREGATES,
+    RPO_DISTANCES,
+)
 from rpo_pipeline.preference_formats import FORMATS
 from rpo_pipeline.preference_groups import SPLITS
-from rpo_pipeline.reward_model import AGGREGATES, DTYPES
 from rpo_pipeline.text_format import Template
 
 GOLD_JUDGES = ("vader", "none", "hf_classifier")
@@ -117,23 +122,12 @@ class TrainParams(Schema):
 
 
 class PolicyTrainParams(TrainParams):
-    """DPO / RPO ``train``: adds periodic evaluation, checkpoints and resume."""
+    """DPO / RPO ``train``: adds periodic evaluation, checkpoints (in the catalog's
+    ``<method>.checkpoints``) and resume."""
 
     eval_every: NonNegInt
     checkpoint_every: NonNegInt
-    checkpoint_dir: NonEmptyStr | None
     resume: bool
-
-    @model_validator(mode="after")
-    def _checkpoints_need_a_directory(self) -> PolicyTrainParams:
-        if self.checkpoint_dir is None:
-            if self.checkpoint_every:
-                raise RuleError("checkpoint_every", f"is {self.checkpoint_every} but checkpoint_dir "
-                                "is null, so no checkpoint would be written; set checkpoint_dir")
-            if self.resume:
-                raise RuleError("resume", "is true but checkpoint_dir is null: nothing to resume "
-                                "from; set checkpoint_dir")
-        return self
 
 
 class LoraParams(Schema):
@@ -284,7 +278,7 @@ class ReferenceParams(Schema):
 # ---- reward_model -------------------------------------------------------------------------------
 class EnsembleParams(Schema):
     members: PosInt  # 1: one reward model
-    aggregate: Literal[tuple(AGGREGATES)]
+    aggregate: Literal[REWARD_AGGREGATES]
     penalty: NonNegFloat  # λ of mean_minus_std
     bootstrap: bool  # each member trains on its own bootstrap resample of the pairs
 
@@ -293,7 +287,7 @@ class RewardModelParams(Schema):
     group: ClassVar[str] = "reward_model"
     backbone: NonEmptyStr  # sft | base | a causal LM directory
     load_in_4bit: bool
-    compute_dtype: Literal[tuple(DTYPES)]
+    compute_dtype: Literal[COMPUTE_DTYPES]
     head_input: Literal["hidden", "logits"]
     pooling: Literal["last", "mean"]
     comparisons: Literal["pairs", "all"]
@@ -348,7 +342,7 @@ class PolicyParams(Schema):
 
 class DpoParams(PolicyParams):
     group: ClassVar[str] = "dpo"
-    loss: Literal[tuple(PAIR_LOSSES)]
+    loss: Literal[PAIR_LOSS_NAMES]
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)]
 
     @model_validator(mode="after")
@@ -363,7 +357,7 @@ class DpoParams(PolicyParams):
 class RewardAwareParams(PolicyParams):
     """What offline and online RPO share: the distance, η, the target normalisation."""
 
-    distance: Literal[tuple(RPO_DISTANCES)]
+    distance: Literal[RPO_DISTANCES]
     eta: PosFloat
     reward_normalization: Literal["none", "zscore", "per_prompt"]
     average_logps: bool
@@ -576,7 +570,7 @@ ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps",
            "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
            "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "schedule",
            "scheduler": "schedule", "logging_steps": "log_every", "eval_steps": "eval_every",
-           "save_steps": "checkpoint_every", "output_dir": "checkpoint_dir",
+           "save_steps": "checkpoint_every",
            "resume_from_checkpoint": "resume", "warmup": "warmup_steps", "loss_type": "loss",
            "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
            "model_name_or_path": "name_or_path", "max_completion_length": "max_length",
@@ -626,3 +620,12 @@ def format_errors(error: ValidationError, model: type[Schema], prefix: str = "",
     where = (f" in {prefix}" if prefix else "") + (f" from {source}" if source else "")
     return f"invalid parameters{where} ({len(lines)} problem{'s' * (len(lines) > 1)}):\n" + \
         "\n".join(f"  - {line}" for line in lines)
+
+
+def base_parameters(group: str, conf_source: str | Path = "conf") -> dict[str, Any]:
+    """Parameter group ``group`` exactly as ``<conf_source>/base/parameters_<group>.yml`` defines it:
+    the only source of defaults, for callers outside a Kedro session (benchmarks, tests)."""
+    from omegaconf import OmegaConf  # Kedro's config library; only this helper reads YAML
+
+    path = Path(conf_source) / "base" / f"parameters_{group}.yml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)[group]

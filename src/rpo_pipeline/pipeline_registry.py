@@ -8,10 +8,11 @@ skip their work when their inputs are unchanged.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-import yaml
+from kedro.framework import project
 from kedro.pipeline import Pipeline
 
 from rpo_pipeline.params import POLICY_METHODS
@@ -25,30 +26,43 @@ from rpo_pipeline.pipelines import (
     rpo_online,
 )
 
+PIPELINES_MODULE = __name__
+GENERATED = "generated"  # the namespace of --pipelines=generated's own outputs
 # What the DAG's shape depends on (Kedro DAGs are static): rpo_online.rounds,
-# rpo_online.refresh.labels_per_round > 0 and generate_preferences.judge of the run's merged
-# parameters (conf/base + --env + --params), set by the ValidateParameters hook when the Kedro
-# context is created, before the pipelines are built.
-_shape: dict[str, Any] = {}
+# rpo_online.refresh.labels_per_round > 0 and generate_preferences.judge. A run's values (its merged
+# conf/base + --env + --params) are handed over by ``hooks.ValidateParameters`` through
+# ``configure_run_shape``; outside a run they are read through Kedro's config loader.
+_run_shape: dict[str, Any] = {}
 
 
-def set_run_shape(rounds: int, judge: str, refresh: bool = False) -> bool:
-    """Build the DAG for these values from now on; True if that changes it."""
-    new = {"rounds": rounds, "judge": judge, "refresh": refresh}
-    changed = new != _shape
-    _shape.update(new)
-    return changed
+def shape_of(params: dict[str, Any]) -> dict[str, Any]:
+    """The DAG's shape from a merged parameters dictionary."""
+    online = params["rpo_online"]
+    return {"rounds": int(online["rounds"]), "judge": params["generate_preferences"]["judge"],
+            "refresh": int(online["refresh"]["labels_per_round"]) > 0}
+
+
+def configure_run_shape(params: dict[str, Any]) -> None:
+    """Build the pipelines from this run's parameters: when that changes their shape, Kedro's
+    project pipelines are reconfigured (``pipelines.configure``: rebuilt on next access)."""
+    shape = shape_of(params)
+    if shape != run_shape():
+        _run_shape.clear()
+        _run_shape.update(shape)
+        project.pipelines.configure(PIPELINES_MODULE)
+    else:
+        _run_shape.update(shape)
 
 
 def run_shape() -> dict[str, Any]:
-    """The run's values, else conf/base's (``kedro registry`` outside a run)."""
-    if _shape:
-        return dict(_shape)
-    conf = Path(__file__).resolve().parents[2] / "conf" / "base"
-    online = yaml.safe_load((conf / "parameters_rpo_online.yml").read_text())["rpo_online"]
-    gen = yaml.safe_load((conf / "parameters_generate_preferences.yml").read_text())
-    return {"rounds": int(online["rounds"]), "judge": gen["generate_preferences"]["judge"],
-            "refresh": int(online["refresh"]["labels_per_round"]) > 0}
+    """The run's shape, else the one of the configuration Kedro's config loader reads
+    (conf/base + ``KEDRO_ENV``): ``kedro registry``, kedro-viz."""
+    if _run_shape:
+        return dict(_run_shape)
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    loader = project.settings.CONFIG_LOADER_CLASS(conf_source=str(conf), env=os.environ.get("KEDRO_ENV"),
+                                                  **project.settings.CONFIG_LOADER_ARGS)
+    return shape_of(loader["parameters"])
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -76,7 +90,7 @@ def register_pipelines() -> dict[str, Pipeline]:
 
     # the same stages on preferences generated from π_SFT (``--pipelines=generated``)
     sft, cache = ref.only_nodes("train_sft"), ref.only_nodes("build_reference_cache")
-    rm_train = rm.only_nodes("train_reward_model")
+    rm_train = rm.only_nodes("resolve_reward_model_backbone", "train_reward_model")
     rm_score = rm.only_nodes("score_responses_with_reward_model", "reward_normalization")
     judged_by_rm = shape["judge"] == "reward_model"  # the dataset's reward model is the judge
     gen = dp + sft + (rm_train if judged_by_rm else Pipeline([])) \
@@ -89,11 +103,18 @@ def register_pipelines() -> dict[str, Pipeline]:
                 **({} if keep_groups else {"preference_groups": "generated_preferences"})}
         return Pipeline(p, inputs={k: v for k, v in data.items() if k in p.inputs()})
 
-    trained = (gen + on_generated(cache) + (Pipeline([]) if judged_by_rm else on_generated(rm_train))
-               + on_generated(rm_score) + online
-               + on_generated(policy_training.create_pipeline(method="dpo"))
-               + on_generated(policy_training.create_pipeline(method="rpo")))
-    # evaluation: the data's held-out prompts (their text from preference_groups)
-    pipelines["generated"] = trained + on_generated(
-        evaluation.create_pipeline(policies=policies, rounds=shape["rounds"]), keep_groups=True)
+    # every later stage on the generated preferences, under the namespace ``generated``: its models,
+    # caches and reports are ``generated.*`` (conf/base/catalog_generated.yml), so this pipeline
+    # and ``__default__`` never overwrite each other's outputs; evaluation keeps the data's
+    # held-out prompts (their text from preference_groups)
+    later = (on_generated(cache) + (Pipeline([]) if judged_by_rm else on_generated(rm_train))
+             + on_generated(rm_score) + online
+             + on_generated(policy_training.create_pipeline(method="dpo"))
+             + on_generated(policy_training.create_pipeline(method="rpo"))
+             + on_generated(evaluation.create_pipeline(policies=policies, rounds=shape["rounds"]),
+                            keep_groups=True))
+    made_before = gen.all_outputs() | gen.inputs() | {"preference_groups"}
+    shared = {d for d in later.inputs() if d in made_before and not d.startswith("params:")}
+    pipelines["generated"] = gen + Pipeline(later, namespace=GENERATED, inputs={d: d for d in shared},
+                                            parameters={d for d in later.inputs() if d.startswith("params:")})
     return pipelines

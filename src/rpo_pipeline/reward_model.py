@@ -28,10 +28,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from rpo_pipeline.base_model import lora_target_modules
+from rpo_pipeline.constants import COMPUTE_DTYPES, REWARD_AGGREGATES
+from rpo_pipeline.policy import pair_sides
+from rpo_pipeline.preference_groups import groups_to_pairs
 from rpo_pipeline.scoring import packed_collate, packed_states, scoring_batches
+from rpo_pipeline.training import to_device, world
 
 HEAD_FILE, CONFIG_FILE = "reward_head.safetensors", "reward_model.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = dict(zip(COMPUTE_DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
 @dataclass
@@ -279,8 +283,6 @@ def reward_pair_items(tokenized: pd.DataFrame, pairs: pd.DataFrame, split: str,
     side). ``margin_column``: None (margin 0), ``score_difference`` (score_chosen -
     score_rejected) or a column of the pairs; fails, before any model loads, when a pair has no
     finite margin."""
-    from rpo_pipeline.policy import pair_sides
-
     chosen, rejected = pair_sides(tokenized, pairs, split)
     p = pairs[pairs["split"] == split].reset_index(drop=True)
     untokenized = chosen["input_ids"].isna() | rejected["input_ids"].isna()
@@ -388,8 +390,6 @@ def with_bootstrap(items: list[Any], members: int, seed: int) -> list[Any]:
 def training_pairs(pairs: pd.DataFrame, groups: pd.DataFrame, comparisons: str) -> pd.DataFrame:
     """The reward model's training comparisons: ``preference_pairs`` as they are (``pairs``), or
     every ordered pair of each scored group whose scores differ (``all``; labelled pairs kept)."""
-    from rpo_pipeline.preference_groups import groups_to_pairs
-
     if comparisons == "pairs":
         return pairs
     return groups_to_pairs(groups, rejected="all")
@@ -432,8 +432,6 @@ def score(model: RewardModel, sequences: Sequence[Sequence[int]], response_start
     In a process group each rank scores every N-th batch (0.0 elsewhere; see
     ``reference.response_logps``).
     """
-    from rpo_pipeline.training import to_device, world
-
     model.eval()
     rank, size = world()
     out = np.zeros((len(sequences), model.config.members))
@@ -442,9 +440,6 @@ def score(model: RewardModel, sequences: Sequence[Sequence[int]], response_start
         rewards = model(to_device(b, model.head.weight.device))
         out[idx] = rewards.reshape(len(idx), -1).double().cpu().numpy()
     return out
-
-
-AGGREGATES = ("mean", "min", "mean_minus_std")
 
 
 def ensemble_reward(members: np.ndarray, aggregate: str = "mean", penalty: float = 0.0
@@ -463,4 +458,4 @@ def ensemble_reward(members: np.ndarray, aggregate: str = "mean", penalty: float
         return members.min(1), std
     if aggregate == "mean_minus_std":
         return mean - penalty * std, std
-    raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    raise ValueError(f"aggregate must be one of {REWARD_AGGREGATES}, got {aggregate!r}")

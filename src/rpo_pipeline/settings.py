@@ -7,7 +7,7 @@ from rpo_pipeline.hooks import SerializeRuns, TagRuns, ValidateParameters
 HOOKS = (SerializeRuns(), ValidateParameters(), TagRuns())
 
 def gpu_count() -> int:
-    import torch
+    import torch  # only when a config uses ${gpu_count:}
 
     return max(1, torch.cuda.device_count())
 

@@ -11,48 +11,60 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
+import torch.distributed as dist
+from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+from accelerate.state import AcceleratorState, GradientState
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rpo_pipeline.batching import iterate_batches, length_bucketed_batches
-from rpo_pipeline.params import BACKENDS, PRECISIONS, Device, NonNegInt, TrainParams
+from rpo_pipeline.params import Device, NonNegInt, TrainParams
+from rpo_pipeline.precision import resolve_precision
 
+log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
 
 class TrainConfig(TrainParams):
-    """The loop's settings: a stage's ``train`` block (validated, see ``params``) and its device.
-
-    For direct use (benchmarks, tests) periodic evaluation, autocast (fp32), checkpoints and resume
-    are off and the process layout is one process unless set (stages set them all from conf/base);
-    the other fields have no default. ``train`` reads the number of processes from the process
-    group it runs in; ``num_processes`` is how many workers the caller starts (``jobs.fit``).
+    """The loop's settings: a stage's ``train`` block (validated, see ``params``), its device and
+    the loop features it uses. No field has a default: every value comes from conf/base, and a
+    stage whose block lacks a feature (the reward model has no checkpoints) turns it off with
+    ``LOOP_FEATURES_OFF``. ``train`` reads the number of processes from the process group it runs
+    in; ``num_processes`` is how many workers the caller starts (``jobs.fit``).
     """
 
     device: Device  # auto | cpu | cuda | cuda:N
-    eval_every: NonNegInt = 0  # run eval_fn every N steps (and at the end); 0: only at the end
-    patience: NonNegInt = 0  # >0: stop after that many evaluations without a lower eval loss and
-                             # keep the weights of the best one (early stopping); 0: off
-    precision: Literal[PRECISIONS] = "fp32"  # auto | fp32 | bf16 | fp16 (precision.py)
-    max_tokens_per_batch: Annotated[int, Field(ge=1)] | None = None
-    num_processes: Annotated[int, Field(ge=1)] = 1
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    backend: Literal[BACKENDS] = "auto"
-    checkpoint_every: NonNegInt = 0  # 0: no checkpoints
-    checkpoint_dir: str | None = None
-    resume: bool = False  # continue from checkpoint_dir/last if it exists
+    eval_every: NonNegInt  # run eval_fn every N steps (and at the end); 0: only at the end
+    patience: NonNegInt  # >0: stop after that many evaluations without a lower eval loss and keep
+                         # the weights of the best one (early stopping); 0: off
+    checkpoint_every: NonNegInt  # 0: no checkpoints
+    checkpoint_dir: str | None
+    resume: bool  # continue from checkpoint_dir/last if it exists
+
+    @classmethod
+    def of(cls, block: TrainParams, device: str, **overrides: Any) -> TrainConfig:
+        """A stage's validated ``train`` block on ``device``, features it lacks turned off (the
+        block's own keys that are not the loop's, e.g. SFT's ``responses``, stay with the stage)."""
+        loop = {k: v for k, v in block.model_dump().items() if k in cls.model_fields}
+        return cls(**{**LOOP_FEATURES_OFF, **loop, "device": device, **overrides})
+
+
+# What a stage without periodic evaluation, early stopping or checkpoints runs with.
+LOOP_FEATURES_OFF: dict[str, Any] = {"eval_every": 0, "patience": 0, "checkpoint_every": 0,
+                                     "checkpoint_dir": None, "resume": False}
 
 
 @dataclass
@@ -99,8 +111,6 @@ CHECKPOINT_STATE = "trainer_state.json"  # step, world size and history; acceler
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this process: (0, 1) unless ``torch.distributed`` is initialised."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -126,17 +136,17 @@ def shard(batch: list[int], rank: int, world_size: int) -> tuple[list[int], floa
 
 def _all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sum ``values`` (the same keys on every rank) over all ranks."""
-    import torch.distributed as dist
-
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def save_checkpoint(accelerator, directory: str | Path, step: int, result: TrainResult) -> None:
+def save_checkpoint(accelerator, directory: str | Path, step: int, result: TrainResult,
+                    provenance: Mapping[str, Any] | None = None) -> None:
     """Atomically replace ``directory/last`` with accelerate's state (weights, optimizer,
-    scheduler, each rank's RNG) and ``trainer_state.json`` (step, world size, history).
+    scheduler, each rank's RNG) and ``trainer_state.json`` (step, world size, history, and the
+    ``provenance`` a resume must match).
 
     Every rank writes into one temporary sibling directory; rank 0 swaps it in once all are done.
     """
@@ -151,7 +161,7 @@ def save_checkpoint(accelerator, directory: str | Path, step: int, result: Train
     if accelerator.is_main_process:
         (tmp / CHECKPOINT_STATE).write_text(json.dumps({
             "step": step, "world_size": accelerator.num_processes, "history": result.history,
-            "log_steps": result.log_steps}))
+            "log_steps": result.log_steps, "provenance": dict(provenance or {})}))
         old = last.with_name(f".last.old-{step}")
         if last.exists():
             last.rename(old)
@@ -160,20 +170,39 @@ def save_checkpoint(accelerator, directory: str | Path, step: int, result: Train
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, model: torch.nn.Module, last: Path, result: TrainResult) -> int:
+def provenance_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Each key whose value differs between a checkpoint's provenance and this run's, as
+    ``key: stored -> current`` (digests shortened)."""
+    def show(v: Any) -> str:
+        return "absent" if v is None else (f"{v[:12]}..." if isinstance(v, str) and len(v) == 32 else repr(v))
+    return [f"{k}: {show(stored.get(k))} -> {show(current.get(k))}"
+            for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+
+
+def load_checkpoint(accelerator, model: torch.nn.Module, last: Path, result: TrainResult,
+                    provenance: Mapping[str, Any] | None = None) -> int:
     """Restore accelerate's state from ``last`` into the prepared objects; the step to go on from.
 
-    The checkpoint must come from the same number of processes (DDP's saved keys, the per-rank RNG
-    files and the data shards depend on it), and its weights must match the model: accelerate loads
-    them non-strictly (tied weights are saved once), so the keys are checked here.
+    The checkpoint must come from the same run: with ``provenance`` (start model, data, parameters
+    that change results; ``jobs.provenance``) every entry must equal the stored one, else a
+    ``ValueError`` names each that differs. It must come from the same number of processes (DDP's
+    saved keys, the per-rank RNG files and the data shards depend on it), and its weights must match
+    the model: accelerate loads them non-strictly (tied weights are saved once), so the keys are
+    checked here.
     """
-    from safetensors import safe_open
-
     state = json.loads((last / CHECKPOINT_STATE).read_text())
     if state["world_size"] != accelerator.num_processes:
         raise ValueError(f"{last}: the checkpoint was written by {state['world_size']} processes; "
                          f"resume with num_processes: {state['world_size']} (this run has "
                          f"{accelerator.num_processes}) or set resume: false")
+    if provenance is not None and not state.get("provenance"):
+        log.warning("%s: the checkpoint records nothing of the run that wrote it; resuming unchecked", last)
+    elif provenance is not None:
+        differs = provenance_differences(state["provenance"], provenance)
+        if differs:
+            raise ValueError(f"{last}: the checkpoint comes from another run, so resuming would mix two "
+                             f"runs; it differs in {'; '.join(differs)}. Set resume: false to start "
+                             "over, or restore the settings it was written with")
     with safe_open(str(last / "model.safetensors"), "pt") as f:
         saved = set(f.keys())
     expected = set(model.state_dict())
@@ -195,11 +224,6 @@ def make_accelerator(cfg: TrainConfig):
     The scheduler steps once per optimizer step (``step_scheduler_with_optimizer=False``): ``steps``
     counts optimizer steps whatever the number of processes.
     """
-    from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
-    from accelerate.state import AcceleratorState, GradientState
-
-    from rpo_pipeline.precision import resolve_precision
-
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     _, size = world()
@@ -248,7 +272,8 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
           collate: Callable[[list[Any]], Batch], loss_fn: LossFn, cfg: TrainConfig,
           desc: str = "train", eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
           snapshot_steps: Sequence[int] = (),
-          snapshot_fn: Callable[[torch.nn.Module], Any] | None = None) -> TrainResult:
+          snapshot_fn: Callable[[torch.nn.Module], Any] | None = None,
+          provenance: Mapping[str, Any] | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps; return the logged history.
 
     Runs on ``accelerate.Accelerator``; inside a ``torch.distributed`` process group of N ranks
@@ -267,14 +292,15 @@ def train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     """
     with deterministic_kernels(resolve_device(cfg.device)):
         return _train(model, items, lengths, collate, loss_fn, cfg, desc, eval_fn,
-                      snapshot_steps, snapshot_fn)
+                      snapshot_steps, snapshot_fn, provenance)
 
 
 def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
            collate: Callable[[list[Any]], Batch], loss_fn: LossFn, cfg: TrainConfig,
            desc: str, eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None,
            snapshot_steps: Sequence[int] = (),
-           snapshot_fn: Callable[[torch.nn.Module], Any] | None = None) -> TrainResult:
+           snapshot_fn: Callable[[torch.nn.Module], Any] | None = None,
+           provenance: Mapping[str, Any] | None = None) -> TrainResult:
     """``train``'s loop."""
     rank, size = world()
     accelerator = make_accelerator(cfg)
@@ -289,7 +315,7 @@ def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
     result, start = TrainResult(precision=ran), 0
     last = Path(cfg.checkpoint_dir) / "last" if cfg.checkpoint_dir else None
     if cfg.resume and last is not None and (last / CHECKPOINT_STATE).exists():
-        start = load_checkpoint(accelerator, accelerator.unwrap_model(wrapped), last, result)
+        start = load_checkpoint(accelerator, accelerator.unwrap_model(wrapped), last, result, provenance)
     result.steps = start
     # batch_size is global (as nanoGPT keeps its total batch): the number of processes splits the
     # work of a step, it does not change the step
@@ -374,7 +400,7 @@ def _train(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int],
                     stop = evals_since_best >= cfg.patience
         if last is not None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0
                                                           or step == cfg.steps):
-            save_checkpoint(accelerator, cfg.checkpoint_dir, step, result)
+            save_checkpoint(accelerator, cfg.checkpoint_dir, step, result, provenance)
         if snapshot_fn is not None and step in snapshot_steps and rank == 0:
             result.snapshots[step] = snapshot_fn(accelerator.unwrap_model(wrapped))
         bar.update(1)
@@ -421,8 +447,6 @@ def evaluate(model: torch.nn.Module, items: Sequence[Any], lengths: Sequence[int
 
 def _same_keys(totals: dict[str, float]) -> dict[str, float]:
     """Every rank's metric names (a rank with no batch has only ``loss``), zero where missing."""
-    import torch.distributed as dist
-
     names: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(names, sorted(totals))
     return {k: totals.get(k, 0.0) for k in sorted(set().union(*names))}

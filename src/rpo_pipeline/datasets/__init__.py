@@ -5,12 +5,14 @@ a URL; ``save_pretrained`` directories are local), ``DatasetError`` for what can
 YAML and a Python example in its docstring (the Python ones run as doctests).
 """
 
+from rpo_pipeline.datasets.checkpoints import CheckpointDir, CheckpointDirDataset
 from rpo_pipeline.datasets.fingerprinted import (
     FingerprintedJSONDataset,
     FingerprintedParquetDataset,
     StoredFingerprintDataset,
     read_stored_fingerprint,
 )
+from rpo_pipeline.datasets.model_source import ModelSource, ModelSourceDataset
 from rpo_pipeline.datasets.preference_file import (
     PreferenceFileDataset,
     read_preference_file,
@@ -21,8 +23,12 @@ from rpo_pipeline.datasets.pretrained import PretrainedDirDataset, PretrainedDir
 from rpo_pipeline.datasets.report import ReportTableDataset
 
 __all__ = [
+    "CheckpointDir",
+    "CheckpointDirDataset",
     "FingerprintedJSONDataset",
     "FingerprintedParquetDataset",
+    "ModelSource",
+    "ModelSourceDataset",
     "PreferenceFileDataset",
     "PretrainedDirDataset",
     "PretrainedDirsDataset",

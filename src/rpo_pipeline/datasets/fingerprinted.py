@@ -16,16 +16,18 @@ import pyarrow.parquet as pq
 from kedro.io import AbstractDataset, DatasetError
 
 from rpo_pipeline.datasets._fs import FsPath, read_only
-from rpo_pipeline.fingerprint import FINGERPRINT_FILE, CacheHit, Fingerprinted, damaged_file
+from rpo_pipeline.fingerprint import FINGERPRINT_FILE, CacheHit, Fingerprinted, damaged_file, hash_bytes, hash_frame
 
 PARQUET_FINGERPRINT_KEY = b"rpo_pipeline.fingerprint"
+PARQUET_DIGEST_KEY = b"rpo_pipeline.content_digest"  # fingerprint.hash_frame of the stored table
 log = logging.getLogger(__name__)
 
 
 class FingerprintedParquetDataset(AbstractDataset[Any, pd.DataFrame]):
     """A Parquet table stored with the fingerprint of the inputs that produced it.
 
-    ``save`` takes ``Fingerprinted(df, fp)`` (the fingerprint goes into the file's metadata),
+    ``save`` takes ``Fingerprinted(df, fp)`` (the fingerprint and a digest of the table's content
+    go into the file's metadata, so a table changed after it was stored is a cache miss),
     ``CacheHit(fp)`` (the stored file already matches: nothing is written) or a plain DataFrame.
     A local file is written to a temporary sibling and renamed over the old one: an interrupted
     write leaves the old table or none.
@@ -63,6 +65,7 @@ class FingerprintedParquetDataset(AbstractDataset[Any, pd.DataFrame]):
         if isinstance(data, Fingerprinted):
             meta = dict(table.schema.metadata or {})
             meta[PARQUET_FINGERPRINT_KEY] = data.fingerprint.encode()
+            meta[PARQUET_DIGEST_KEY] = hash_frame(table.to_pandas()).encode()  # as a load reads it
             table = table.replace_schema_metadata(meta)
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -76,8 +79,8 @@ class FingerprintedParquetDataset(AbstractDataset[Any, pd.DataFrame]):
 
 
 class FingerprintedJSONDataset(AbstractDataset[Any, Any]):
-    """A JSON value stored with the fingerprint of the inputs that produced it, as
-    ``{"fingerprint": fp, "data": value}``; ``load`` returns the value.
+    """A JSON value stored with the fingerprint of the inputs that produced it and a digest of the
+    value, as ``{"fingerprint": fp, "digest": d, "data": value}``; ``load`` returns the value.
 
     ``save`` takes ``Fingerprinted(value, fp)``, ``CacheHit(fp)`` (the stored file already matches:
     nothing is written) or a plain value (stored with no fingerprint). Local writes are atomic.
@@ -113,13 +116,18 @@ class FingerprintedJSONDataset(AbstractDataset[Any, Any]):
             return
         fp = data.fingerprint if isinstance(data, Fingerprinted) else None
         value = data.value if isinstance(data, Fingerprinted) else data
-        self._file.write_bytes(json.dumps({"fingerprint": fp, "data": value}).encode())
+        record = {"fingerprint": fp, "digest": _json_digest(value), "data": value}
+        self._file.write_bytes(json.dumps(record).encode())
 
     def _exists(self) -> bool:
         return self._file.exists()
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": self._file.url()}
+
+
+def _json_digest(value: Any) -> str:
+    return hash_bytes(json.dumps(value, sort_keys=True).encode())
 
 
 def check_cache_hit(file: FsPath, hit: CacheHit) -> None:
@@ -135,9 +143,10 @@ def read_stored_fingerprint(path: str | Path | FsPath) -> str | None:
     file, or None.
 
     Nothing stored yet is the normal first run (None, silently). A stored fingerprint that cannot
-    be read (a damaged ``fingerprint.json``, an unreadable Parquet footer), or a model directory
-    whose files no longer have the sizes and digests stored with its fingerprint, logs a warning
-    naming the file and the reason, and the stage recomputes.
+    be read (a damaged ``fingerprint.json``, an unreadable Parquet footer), or an entry whose
+    stored bytes no longer match what was recorded with its fingerprint (a model directory's file
+    sizes and digests, a table's or a JSON value's content digest), logs a warning naming the file
+    and the reason, and the stage recomputes. Entries stored without a record are not checked.
     """
     f = path if isinstance(path, FsPath) else FsPath(str(path))
     where = f.url()
@@ -157,9 +166,14 @@ def read_stored_fingerprint(path: str | Path | FsPath) -> str | None:
         elif not f.exists():
             return None
         elif f.path.suffix == ".json":
-            value = json.loads(f.read_bytes())["fingerprint"]
+            stored = json.loads(f.read_bytes())
+            value = stored["fingerprint"]
             if value is None:
                 log.warning("%s was stored with no fingerprint: recomputing it", where)
+                return None
+            if "digest" in stored and _json_digest(stored["data"]) != stored["digest"]:
+                log.warning("%s: its content changed after it was stored (digest mismatch); "
+                            "recomputing it", where)
                 return None
         else:
             with f.fs.open(str(f.path), "rb") as fh:  # the footer only, not the whole table
@@ -169,6 +183,11 @@ def read_stored_fingerprint(path: str | Path | FsPath) -> str | None:
                 log.warning("%s has no stored fingerprint in its metadata: recomputing it", where)
                 return None
             value = raw.decode()
+            digest = meta.get(PARQUET_DIGEST_KEY)
+            if digest is not None and hash_frame(pd.read_parquet(io.BytesIO(f.read_bytes()))).encode() != digest:
+                log.warning("%s: its content changed after it was stored (digest mismatch); "
+                            "recomputing it", where)
+                return None
         if not isinstance(value, str) or not value:
             raise ValueError(f"'fingerprint' is {value!r}, expected a non-empty string")
         return value

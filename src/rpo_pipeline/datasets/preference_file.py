@@ -24,7 +24,7 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
 def _decompress(raw: bytes, kind: str, path: str) -> bytes:
     """Decompress ``raw`` (all members); a truncated or corrupt stream fails naming how far it was
     readable."""
-    import bz2
+    import bz2  # the codecs: only for compressed files
     import lzma
     import zlib
 

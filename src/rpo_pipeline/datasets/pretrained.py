@@ -105,7 +105,7 @@ class PretrainedDirDataset(AbstractDataset[Any, PretrainedHandle]):
 def _log_dir_to_active_mlflow_run(path: Path, artifact_path: str) -> None:
     """Copy a saved directory into the active MLflow run's artifacts (kedro-mlflow's
     MlflowArtifactDataset logs single files only). No active run: nothing to do."""
-    import mlflow
+    import mlflow  # heavy; only when a directory is logged
 
     if mlflow.active_run() is not None:
         mlflow.log_artifacts(str(path), artifact_path)

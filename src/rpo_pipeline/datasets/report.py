@@ -56,7 +56,7 @@ class ReportTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         data.to_parquet(buf, index=False)
         self._file.write_bytes(buf.getvalue())
         self._file.write_bytes(data.to_csv(index=False).encode(), self._csv)
-        import mlflow
+        import mlflow  # heavy; only when the table is logged
 
         if mlflow.active_run() is not None:
             if self._artifact_file is not None:

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from rpo_pipeline.base_model import make_base_model, max_positions
-from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.datasets import ModelSource, PretrainedHandle
 from rpo_pipeline.params import BaseModelParams, DataProcessingParams
 from rpo_pipeline.preference_groups import SPLITS, assign_splits, groups_to_pairs, ingest
 from rpo_pipeline.text_format import (
@@ -52,9 +52,17 @@ def make_pairs(groups: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
     return groups_to_pairs(groups, rejected=p.rejected, seed=p.seed)
 
 
-def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: dict[str, Any]
-                     ) -> tuple[Any, Any]:
-    """Base causal LM and tokenizer; the builtin tokenizer is trained on the train split's text."""
+def resolve_model_source(name_or_path: str | None) -> dict[str, str | None]:
+    """A parameter that names a model (null: none), handed to its ``ModelSourceDataset``, which
+    resolves it (a registered ``models:/`` URI pinned to a version and downloaded, a Hub id to its
+    revision)."""
+    return {"name_or_path": name_or_path}
+
+
+def build_base_model(groups: pd.DataFrame, source: ModelSource, base_params: dict[str, Any],
+                     params: dict[str, Any]) -> tuple[Any, Any]:
+    """Base causal LM and tokenizer (a pretrained one from ``source``, ``base_model.name_or_path``
+    resolved); the builtin tokenizer is trained on the train split's text."""
     base, p = BaseModelParams.parse(base_params), DataProcessingParams.parse(params)
     train = groups[groups["split"] == "train"]
     template_words = Template.parse(p.template).prefix.replace("{prompt}", " ")
@@ -69,7 +77,7 @@ def build_base_model(groups: pd.DataFrame, base_params: dict[str, Any], params: 
             if target is not None:
                 yield target
 
-    model, tokenizer = make_base_model(base, texts())
+    model, tokenizer = make_base_model(base, texts(), source.name_or_path)
     limit = max_positions(model)
     if limit is not None and p.max_length > limit:
         raise ValueError(f"data_processing.max_length = {p.max_length} exceeds the {limit} positions of "

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from rpo_pipeline import reporting
-from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.datasets import ModelSource, PretrainedHandle
 from rpo_pipeline.evaluation import (
     eval_prompts,
     gold_at_matched_kl,
@@ -22,8 +22,8 @@ from rpo_pipeline.evaluation import (
     policy_metrics,
     preference_accuracy,
 )
-from rpo_pipeline.jobs import InferenceJob, infer
-from rpo_pipeline.mlflow_models import POLICY, ModelBundle, text_format
+from rpo_pipeline.jobs import CompletionLogpsJob, GenerateJob, RewardsJob, infer
+from rpo_pipeline.mlflow_models import POLICY, ModelBundle, data_example, text_format
 from rpo_pipeline.params import DataProcessingParams, EvaluationParams
 from rpo_pipeline.policy import pair_sides
 from rpo_pipeline.precision import resolve_precision
@@ -40,9 +40,8 @@ METRICS = ("gold_reward_mean", "rm_score_mean", "kl_to_reference", "win_rate_gol
 def _completion_logps(model: PretrainedHandle, prompts: list[list[int]],
                        completions: list[list[int]], p: EvaluationParams) -> np.ndarray:
     """``evaluation.completion_logps``, sharded by batch over ``evaluation.num_processes``."""
-    job = InferenceJob("completion_logps", str(model.path), p.device, {
-        "prompts": prompts, "completions": completions, "batch_size": p.batch_size},
-        precision=p.precision)
+    job = CompletionLogpsJob(model_path=str(model.path), device=p.device, precision=p.precision,
+                             prompts=prompts, completions=completions, batch_size=p.batch_size)
     return infer(job, p.num_processes, p.backend, model.load)
 
 
@@ -63,10 +62,10 @@ def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle,
     lm = model.load() if p.num_processes == 1 else None
 
     def run(greedy: bool) -> tuple[list, list]:
-        job = InferenceJob("generate", str(model.path), p.device, {
-            "prompts": ids, "cfg": cfg, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
-            "greedy": greedy, "progress": p.progress,
-            "desc": f"{'greedy' if greedy else 'sample'} {name}"}, precision=p.precision)
+        job = GenerateJob(model_path=str(model.path), device=p.device, precision=p.precision, prompts=ids,
+                          cfg=cfg, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                          greedy=greedy, progress=p.progress,
+                          desc=f"{'greedy' if greedy else 'sample'} {name}")
         return infer(job, p.num_processes, p.backend, lambda: lm)
 
     sampled, s_logp = run(greedy=False)
@@ -82,7 +81,8 @@ def sample_policy(model: PretrainedHandle, tokenizer: PretrainedHandle,
 
 
 def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHandle,
-                  tokenizer: PretrainedHandle, groups: pd.DataFrame, params: dict[str, Any],
+                  tokenizer: PretrainedHandle, groups: pd.DataFrame, gold_judge_model: ModelSource,
+                  params: dict[str, Any],
                   **samples: pd.DataFrame) -> pd.DataFrame:
     """All policies' completions with text, gold score, reward-model score and log π_ref(y|x).
 
@@ -104,13 +104,14 @@ def score_samples(reference_model: PretrainedHandle, reward_model: PretrainedHan
     prompts = groups.set_index("group_id")["prompt"]
     table.insert(1, "prompt", prompts.reindex(table["group_id"]).to_numpy())
 
-    judge = make_gold_judge(p.gold_judge, p.gold_judge_args)
+    judge = make_gold_judge(p.gold_judge, p.gold_judge_args, gold_judge_model.name_or_path)
     table["gold"] = judge(table["completion"].tolist()) if judge is not None else np.nan
 
     seqs = [list(p) + c for p, c in zip(table["prompt_ids"], comp, strict=True)]
-    members = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
-        "sequences": seqs, "response_starts": table["prompt_ids"].map(len).tolist(),
-        "batch_size": p.batch_size}, precision=p.precision), p.num_processes, p.backend,
+    members = infer(RewardsJob(model_path=str(reward_model.path), device=p.device, precision=p.precision,
+                               sequences=seqs,
+                               response_starts=table["prompt_ids"].map(len).tolist(),
+                               batch_size=p.batch_size), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
     table["rm"], table["rm_std"] = ensemble_reward(members)  # the members' mean and spread
 
@@ -157,7 +158,8 @@ def pair_accuracy(reference_model: PretrainedHandle, tokenizer: PretrainedHandle
 
 def score_curves(reference_model: PretrainedHandle, reward_model: PretrainedHandle,
                  tokenizer: PretrainedHandle, tokenized_prompts: pd.DataFrame,
-                 params: dict[str, Any], **points: Any) -> tuple[pd.DataFrame, MetricsPayload]:
+                 gold_judge_model: ModelSource, params: dict[str, Any], **points: Any
+                 ) -> tuple[pd.DataFrame, MetricsPayload]:
     """Over-optimisation curves (Gao et al., arXiv 2210.10760): gold, reward-model score and KL
     to the reference of each method's policies along training, on ``curve.prompts`` val prompts.
 
@@ -188,23 +190,23 @@ def score_curves(reference_model: PretrainedHandle, reward_model: PretrainedHand
     runs = {("reference", 0): reference_model} | dict(sorted(policies.items()))
     rows = []
     for (method, step), handle in runs.items():
-        job = InferenceJob("generate", str(handle.path), p.device, {
-            "prompts": prompts, "cfg": p.sampling, "eos_id": tok.eos_token_id,
-            "pad_id": tok.pad_token_id, "greedy": False, "progress": False,
-            "desc": f"curve {method} {step}"}, precision=p.precision)
+        job = GenerateJob(model_path=str(handle.path), device=p.device, precision=p.precision,
+                          prompts=prompts, cfg=p.sampling, eos_id=tok.eos_token_id,
+                          pad_id=tok.pad_token_id, greedy=False, progress=False,
+                          desc=f"curve {method} {step}")
         completions, logps = infer(job, p.num_processes, p.backend, handle.load)
         for prompt, comps, lps in zip(prompts, completions, logps, strict=True):
             rows += [(method, step, prompt, c, lp) for c, lp in zip(comps, lps, strict=True)]
     table = pd.DataFrame(rows, columns=["method", "step", "prompt_ids", "completion_ids", "logp"])
     comp = table["completion_ids"].map(list).tolist()
     prompt_ids = table["prompt_ids"].map(list).tolist()
-    judge = make_gold_judge(p.gold_judge, p.gold_judge_args)
+    judge = make_gold_judge(p.gold_judge, p.gold_judge_args, gold_judge_model.name_or_path)
     texts = [t.strip() for t in tok.batch_decode(comp, skip_special_tokens=True)]
     table["gold"] = judge(texts) if judge is not None else np.nan
-    members = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
-        "sequences": [a + b for a, b in zip(prompt_ids, comp, strict=True)],
-        "response_starts": [len(a) for a in prompt_ids],
-        "batch_size": p.batch_size}, precision=p.precision), p.num_processes, p.backend,
+    members = infer(RewardsJob(model_path=str(reward_model.path), device=p.device, precision=p.precision,
+                               sequences=[a + b for a, b in zip(prompt_ids, comp, strict=True)],
+                               response_starts=[len(a) for a in prompt_ids],
+                               batch_size=p.batch_size), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
     table["rm"] = ensemble_reward(members)[0]
     table["kl"] = table["logp"] - _completion_logps(reference_model, prompt_ids, comp, p)
@@ -263,14 +265,16 @@ def report_curves(curves: pd.DataFrame) -> Any:
 
 
 def package_policy(policy: PretrainedHandle, tokenizer: PretrainedHandle, metrics: pd.DataFrame,
-                   data_params: dict[str, Any], params: dict[str, Any], *, name: str) -> ModelBundle:
+                   groups: pd.DataFrame, data_params: dict[str, Any], params: dict[str, Any], *,
+                   name: str) -> ModelBundle:
     """Policy ``name`` as an MLflow Model (``rpo_pipeline.mlflow_models``): its weights and
-    tokenizer, the prompt template, the evaluation's sampling settings; its registered version is
-    tagged with its evaluation metrics."""
+    tokenizer, the prompt template, the evaluation's sampling settings and an input example from
+    the data; its registered version is tagged with its evaluation metrics."""
     p = EvaluationParams.parse(params)
     row = metrics.set_index("policy").loc[name]
     tags = {f"evaluation.{m}": f"{row[m]:.6g}" for m in METRICS if pd.notna(row[m])}
     return ModelBundle(POLICY, {"policy": str(policy.path), "tokenizer": str(tokenizer.path)},
                        {"text_format": text_format(DataProcessingParams.parse(data_params)),
-                        "sampling": p.sampling.model_dump(), "device": p.device},
+                        "sampling": p.sampling.model_dump(), "device": p.device,
+                        **data_example(groups)},
                        tags | {"method": name, "evaluation.split": p.split})

@@ -19,7 +19,7 @@ from .nodes import (
 )
 
 SHARED = ["tokenizer", "tokenized_prompts", "tokenized_examples", "preference_groups", "preference_pairs", "sft_model",
-          "reward_model", "reward_model.training_history"]
+          "reward_model", "reward_model.training_history", "gold_judge_model"]
 
 
 def _curve_points(policies: Sequence[str], rounds: int) -> dict[str, tuple[str, str]]:
@@ -61,6 +61,7 @@ def create_pipeline(policies: Sequence[str] = POLICY_METHODS, rounds: int = 1, *
         Node(score_samples,
              inputs={"reference_model": "sft_model", "reward_model": "reward_model",
                      "tokenizer": "tokenizer", "groups": "preference_groups",
+                     "gold_judge_model": "gold_judge_model",
                      "params": "params:evaluation"} | {n: f"samples_{n}" for n in models},
              outputs="scored_samples", name="score_samples"),
         Node(pair_accuracy,
@@ -73,6 +74,7 @@ def create_pipeline(policies: Sequence[str] = POLICY_METHODS, rounds: int = 1, *
         Node(score_curves,
              inputs={"reference_model": "sft_model", "reward_model": "reward_model",
                      "tokenizer": "tokenizer", "tokenized_prompts": "tokenized_prompts",
+                     "gold_judge_model": "gold_judge_model",
                      "params": "params:evaluation"} | curve_points,
              outputs=["curves", "curve_metrics"], name="score_curves"),
         Node(report_curves, inputs="curves", outputs="overoptimization_plot", name="report_curves"),
@@ -83,8 +85,8 @@ def create_pipeline(policies: Sequence[str] = POLICY_METHODS, rounds: int = 1, *
              outputs=["training_curves_plot", "reward_vs_kl_plot", "win_rates_plot", "summary"],
              name="report_evaluation"),
         *[Node(update_wrapper(partial(package_policy, name=p), package_policy),
-               inputs=[model, "tokenizer", "policy_metrics", "params:data_processing",
-                       "params:evaluation"],
+               inputs=[model, "tokenizer", "policy_metrics", "preference_groups",
+                       "params:data_processing", "params:evaluation"],
                outputs=f"{p}_mlflow_model", name=f"package_{p}")
           for p, model in policy_models.items()],
     ])

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.datasets import ModelSource, PretrainedHandle
 from rpo_pipeline.evaluation import eval_prompts, make_gold_judge
-from rpo_pipeline.jobs import InferenceJob, infer
+from rpo_pipeline.jobs import GenerateJob, RewardsJob, infer
 from rpo_pipeline.online import scored_groups
 from rpo_pipeline.params import EvaluationParams, GeneratePreferencesParams
 from rpo_pipeline.reward_model import ensemble_reward
@@ -34,10 +34,10 @@ def sample_responses(policy: PretrainedHandle, tokenizer: PretrainedHandle,
     tok = tokenizer.load()
     prompts = pd.concat([eval_prompts(tokenized_prompts, s, p.max_prompts) for s in p.splits],
                         ignore_index=True)
-    job = InferenceJob("generate", str(policy.path), p.device, {
-        "prompts": prompts["prompt_ids"].tolist(), "cfg": p.sampling, "eos_id": tok.eos_token_id,
-        "pad_id": tok.pad_token_id, "greedy": False, "progress": p.progress,
-        "desc": "generate_preferences"}, precision=p.precision)
+    job = GenerateJob(model_path=str(policy.path), device=p.device, precision=p.precision,
+                      prompts=prompts["prompt_ids"].tolist(), cfg=p.sampling,
+                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, greedy=False,
+                      progress=p.progress, desc="generate_preferences")
     completions, logps = infer(job, p.num_processes, p.backend, policy.load)
     rows = [(gid, k, list(ids), c, lp)
             for gid, ids, comps, lps in zip(prompts["group_id"], prompts["prompt_ids"],
@@ -64,11 +64,11 @@ def _write(groups: pd.DataFrame, samples: pd.DataFrame, scores: np.ndarray, judg
     return out, scalars(metrics)
 
 
-def judge_with_gold(samples: pd.DataFrame, groups: pd.DataFrame, evaluation_params: dict[str, Any]
-                    ) -> tuple[pd.DataFrame, MetricsPayload]:
+def judge_with_gold(samples: pd.DataFrame, groups: pd.DataFrame, gold_judge_model: ModelSource,
+                    evaluation_params: dict[str, Any]) -> tuple[pd.DataFrame, MetricsPayload]:
     """Score every sample with the evaluation stage's gold judge (``evaluation.gold_judge``)."""
     p = EvaluationParams.parse(evaluation_params)
-    judge = make_gold_judge(p.gold_judge, p.gold_judge_args)
+    judge = make_gold_judge(p.gold_judge, p.gold_judge_args, gold_judge_model.name_or_path)
     if judge is None:
         raise ValueError("generate_preferences.judge is 'gold' but evaluation.gold_judge is 'none'")
     return _write(groups, samples, judge(samples["completion"].tolist()), p.gold_judge)
@@ -81,9 +81,9 @@ def judge_with_reward_model(samples: pd.DataFrame, groups: pd.DataFrame,
     p = GeneratePreferencesParams.parse(params)
     seqs = [list(a) + list(b) for a, b in zip(samples["prompt_ids"], samples["completion_ids"],
                                               strict=True)]
-    scores = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
-        "sequences": seqs, "response_starts": samples["prompt_ids"].map(len).tolist(),
-        "batch_size": p.sampling.batch_size},
-        precision=p.precision), p.num_processes, p.backend,
+    scores = infer(RewardsJob(model_path=str(reward_model.path), device=p.device, precision=p.precision,
+                              sequences=seqs,
+                              response_starts=samples["prompt_ids"].map(len).tolist(),
+                              batch_size=p.sampling.batch_size), p.num_processes, p.backend,
         lambda: reward_model.load(device=p.device))
     return _write(groups, samples, ensemble_reward(scores)[0], "reward_model")

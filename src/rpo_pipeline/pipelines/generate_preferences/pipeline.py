@@ -13,7 +13,8 @@ def create_pipeline(judge: str = "gold", **kwargs) -> Pipeline:
     judged by ``gold`` (evaluation.gold_judge) or the ``reward_model``."""
     if judge == "gold":
         judging = Node(judge_with_gold,
-                       inputs=["generated_samples", "preference_groups", "params:evaluation"],
+                       inputs=["generated_samples", "preference_groups", "gold_judge_model",
+                               "params:evaluation"],
                        outputs=["generated_preferences", "generate_preferences_metrics"],
                        name="judge_with_gold")
     elif judge == "reward_model":

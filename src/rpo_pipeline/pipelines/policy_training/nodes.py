@@ -2,9 +2,10 @@
 
 π_ref is never loaded: its log-probs come from the ``reference_logprobs`` cache. The policy starts
 from π_SFT's weights (full fine-tuning, or LoRA merged at the end); evaluation on the val split
-every ``train.eval_every`` steps (``eval_`` metrics); checkpoints in ``train.checkpoint_dir``
-(``train.resume: true`` continues from there). With ``train.num_processes > 1`` the training runs
-data parallel on that many worker processes (``jobs.fit_in_workers``).
+every ``train.eval_every`` steps (``eval_`` metrics); checkpoints every ``train.checkpoint_every``
+steps in the catalog's ``<method>.checkpoints`` (``train.resume: true`` continues from there, only
+the run that wrote them). With ``train.num_processes > 1`` the training runs data parallel on that
+many worker processes (``jobs.fit``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 import pandas as pd
 from transformers import AutoModelForCausalLM
 
-from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.datasets import CheckpointDir, PretrainedHandle
 from rpo_pipeline.evaluation import curve_steps
-from rpo_pipeline.jobs import PolicyJob, Split, fit
+from rpo_pipeline.jobs import DpoJob, RpoJob, Split, fit
 from rpo_pipeline.params import DpoParams, EvaluationParams, PolicyParams, RpoParams
 from rpo_pipeline.policy import group_items, preference_items, reward_targets
 from rpo_pipeline.tracking import PRECISION_BITS, MetricsPayload, histories, scalars
@@ -31,13 +32,13 @@ def _curve_steps(p: PolicyParams, evaluation_params: dict[str, Any]) -> list[int
     return curve_steps(p.train.steps, EvaluationParams.parse(evaluation_params).curve.points)
 
 
-def run_policy_job(start: PretrainedHandle, job: PolicyJob, p: PolicyParams
+def run_policy_job(start: PretrainedHandle, job: DpoJob, p: PolicyParams
                    ) -> tuple[Any, dict[str, Any], MetricsPayload, MetricsPayload]:
     """Train from ``start`` (here or on N workers): the model, its intermediate copies at
     ``job.snapshot_steps`` (by step, as text), its training history (metrics with TRL names,
     ``eval_`` at eval steps; ``<method>.training_history``) and the metrics to log."""
     t = p.train
-    model, result, _ = fit("policy", job, t.num_processes, t.backend, p.device, start.load,
+    model, result, _ = fit(job, t.num_processes, t.backend, p.device, start.load,
                            AutoModelForCausalLM.from_pretrained)
     hist = dict(result.history)
     eval_steps = [int(s) for s in hist.pop("eval_step", [])]
@@ -55,22 +56,24 @@ def run_policy_job(start: PretrainedHandle, job: PolicyJob, p: PolicyParams
 
 def train_dpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
                      tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd.DataFrame,
-                     params: dict[str, Any], evaluation_params: dict[str, Any]) -> TrainOutputs:
+                     checkpoints: CheckpointDir, params: dict[str, Any],
+                     evaluation_params: dict[str, Any]) -> TrainOutputs:
     """DPO family: train on (chosen, rejected) pairs with the configured loss. Keeps
     ``evaluation.curve.points`` − 1 intermediate policies, evenly spaced in steps, for the
     over-optimisation curves (the last point is the policy itself)."""
     p = DpoParams.parse(params)
-    job = PolicyJob("dpo", str(sft_model.path), p.model_dump(),
-                    Split(*preference_items(tokenized, pairs, reference, "train")),
-                    Split(*preference_items(tokenized, pairs, reference, "val")),
-                    snapshot_steps=_curve_steps(p, evaluation_params))
+    job = DpoJob(model_path=str(sft_model.path), params=p,
+                 train=Split(*preference_items(tokenized, pairs, reference, "train")),
+                 val=Split(*preference_items(tokenized, pairs, reference, "val")),
+                 checkpoint_dir=str(checkpoints.path), snapshot_steps=_curve_steps(p, evaluation_params))
     return run_policy_job(sft_model, job, p)
 
 
 def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
                      tokenized: pd.DataFrame, pairs: pd.DataFrame, reference: pd.DataFrame,
                      groups: pd.DataFrame, reward_scores: pd.DataFrame, reward_stats: dict,
-                     params: dict[str, Any], evaluation_params: dict[str, Any]) -> TrainOutputs:
+                     checkpoints: CheckpointDir, params: dict[str, Any],
+                     evaluation_params: dict[str, Any]) -> TrainOutputs:
     """RPO: match the policy's implicit reward margins to the reward model's over K responses.
 
     Evaluation reports the RPO loss and target metrics on val groups, and ``rewards/*`` on the val
@@ -79,11 +82,11 @@ def train_rpo_policy(sft_model: PretrainedHandle, tokenizer: PretrainedHandle,
     p = RpoParams.parse(params)
     targets = reward_targets(groups, reward_scores, reward_stats, p.reward_source,
                              p.reward_normalization)
-    job = PolicyJob("rpo", str(sft_model.path), p.model_dump(),
-                    Split(*group_items(tokenized, reference, targets, "train")),
-                    Split(*group_items(tokenized, reference, targets, "val")),
-                    Split(*preference_items(tokenized, pairs, reference, "val")),
-                    snapshot_steps=_curve_steps(p, evaluation_params))
+    job = RpoJob(model_path=str(sft_model.path), params=p,
+                 train=Split(*group_items(tokenized, reference, targets, "train")),
+                 val=Split(*group_items(tokenized, reference, targets, "val")),
+                 val_pairs=Split(*preference_items(tokenized, pairs, reference, "val")),
+                 checkpoint_dir=str(checkpoints.path), snapshot_steps=_curve_steps(p, evaluation_params))
     return run_policy_job(sft_model, job, p)
 
 

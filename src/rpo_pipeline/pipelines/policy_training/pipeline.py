@@ -17,7 +17,7 @@ def create_pipeline(method: str = "dpo", **kwargs) -> Pipeline:
     train, extra = TRAINERS[method]
     inputs = [*SHARED, *extra]
     template = Pipeline([
-        Node(train, inputs=[*inputs, "params:policy", "params:evaluation"],
+        Node(train, inputs=[*inputs, "checkpoints", "params:policy", "params:evaluation"],
              outputs=["policy_model", "curve_policies", "training_history", "train_metrics"],
              name="train_policy"),
     ])

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from rpo_pipeline.datasets import PretrainedHandle
 from rpo_pipeline.fingerprint import CachedStage, CacheHit, Fingerprinted, fingerprint, result_params
-from rpo_pipeline.jobs import InferenceJob, SftJob, Split, fit, infer
+from rpo_pipeline.jobs import ResponseLogpsJob, SftJob, Split, fit, infer
 from rpo_pipeline.params import DataProcessingParams, ReferenceParams
 from rpo_pipeline.precision import resolve_precision
 from rpo_pipeline.reference import (
@@ -71,9 +71,9 @@ def train_sft(base_model: PretrainedHandle, tokenizer: PretrainedHandle, tokeniz
         if sft.patience and val_rows.empty:
             raise ValueError(f"reference.sft.patience is {sft.patience} but the val split has no "
                              "responses and no text: early stopping needs a val loss")
-        job = SftJob(str(base_model.path), p.model_dump(),
-                     Split(*sft_items(train_rows)), Split(*sft_items(val_rows)))
-        model, result, val = fit("sft", job, sft.num_processes, sft.backend, p.device, lambda: model,
+        job = SftJob(model_path=str(base_model.path), params=p, train=Split(*sft_items(train_rows)),
+                     val=Split(*sft_items(val_rows)))
+        model, result, val = fit(job, sft.num_processes, sft.backend, p.device, lambda: model,
                                  AutoModelForCausalLM.from_pretrained)
         payload = histories({"sft_loss": result.history["loss"]}, result.log_steps)
         if "eval_loss" in result.history:
@@ -116,10 +116,10 @@ def build_reference_cache(sft_model: PretrainedHandle, tokenizer: PretrainedHand
         return hit
 
     t1 = time.perf_counter()
-    job = InferenceJob("response_logps", str(sft_model.path), p.device, {
-        "input_ids": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
-        "batch_size": p.logprobs.batch_size},
-        precision=precision)
+    job = ResponseLogpsJob(model_path=str(sft_model.path), device=p.device, precision=precision,
+                           input_ids=rows["input_ids"].tolist(),
+                           response_starts=rows["response_start"].tolist(),
+                           batch_size=p.logprobs.batch_size, progress=True)
     logp, n = infer(job, p.logprobs.num_processes, p.logprobs.backend, sft_model.load)
     compute = time.perf_counter() - t1
     table = reference_table(rows, logp, n)

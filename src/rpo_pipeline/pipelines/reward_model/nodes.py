@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.datasets import ModelSource, PretrainedHandle
 from rpo_pipeline.fingerprint import (
     CachedStage,
     CacheHit,
@@ -18,12 +17,11 @@ from rpo_pipeline.fingerprint import (
     model_source,
     result_params,
 )
-from rpo_pipeline.jobs import InferenceJob, RewardModelJob, Split, fit, infer
-from rpo_pipeline.mlflow_models import REWARD_MODEL, ModelBundle, causal_lm_dir, text_format
+from rpo_pipeline.jobs import RewardModelJob, RewardsJob, Split, fit, infer
+from rpo_pipeline.mlflow_models import REWARD_MODEL, ModelBundle, data_example, text_format
 from rpo_pipeline.params import DataProcessingParams, RewardModelParams
 from rpo_pipeline.precision import resolve_precision
 from rpo_pipeline.reward_model import (
-    CONFIG_FILE,
     RewardModel,
     RewardModelConfig,
     ensemble_reward,
@@ -41,12 +39,13 @@ log = logging.getLogger(__name__)
 RM_VERSION = 2  # 2: ensemble members train one after another
 
 
-def _backbone_path(choice: str, sft: PretrainedHandle, base: PretrainedHandle) -> str:
-    """sft | base | a ``models:/`` URI of a registered model (downloaded) | a path or Hub id."""
-    return {"sft": str(sft.path), "base": str(base.path)}.get(choice, None) or causal_lm_dir(choice)
+def _backbone_path(source: ModelSource, sft: PretrainedHandle, base: PretrainedHandle) -> str:
+    """sft | base | what ``reward_model.backbone`` resolved to (a registered model's local copy,
+    a path or a Hub id)."""
+    return {"sft": str(sft.path), "base": str(base.path)}.get(source.requested) or source.name_or_path
 
 
-def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle,
+def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle, backbone: ModelSource,
                        tokenizer: PretrainedHandle, tokenized: pd.DataFrame, pairs: pd.DataFrame,
                        groups: pd.DataFrame, stored_fingerprint: str | None, params: dict[str, Any]
                        ) -> tuple[Fingerprinted | CacheHit, Fingerprinted | CacheHit, MetricsPayload]:
@@ -59,7 +58,7 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
     """
     stage = CachedStage("reward model", seconds_key="seconds")
     p = RewardModelParams.parse(params)
-    backbone = _backbone_path(p.backbone, sft_model, base_model)
+    backbone = _backbone_path(backbone, sft_model, base_model)
     items, lengths = training_items(tokenized, pairs, groups, p.comparisons, p.margin_column)
     train_pairs = training_pairs(pairs, groups, p.comparisons)
     train_rows = tokenized.loc[tokenized["split"] == "train", ["group_id", "response_index", "input_ids"]]
@@ -81,10 +80,9 @@ def train_reward_model(sft_model: PretrainedHandle, base_model: PretrainedHandle
                                lora_dropout=p.lora.dropout, target_modules=p.lora.target_modules)
     evals = {split: Split(*reward_pair_items(tokenized, pairs, split, p.margin_column))
              for split in ("val", "test")}
-    job = RewardModelJob(config, p.model_dump(),
-                         Split(items, lengths), evals)
+    job = RewardModelJob(config=config, params=p, train=Split(items, lengths), evals=evals)
     t = p.train
-    model, result, ev = fit("reward_model", job, t.num_processes, t.backend, p.device,
+    model, result, ev = fit(job, t.num_processes, t.backend, p.device,
                             lambda: RewardModel.for_training(config, seed=t.seed, device=p.device),
                             RewardModel.from_pretrained)
     metrics: dict[str, float] = {"pairs_per_second": result.items_per_second,
@@ -124,10 +122,9 @@ def score_responses_with_reward_model(reward_model: PretrainedHandle, tokenizer:
                      p.ensemble.aggregate, p.ensemble.penalty)
     if (hit := stage.reuse(fp, stored_fingerprint)) is not None:
         return hit
-    job = InferenceJob("rewards", str(reward_model.path), p.device, {
-        "sequences": rows["input_ids"].tolist(), "response_starts": rows["response_start"].tolist(),
-        "batch_size": p.score.batch_size},
-        precision=precision)
+    job = RewardsJob(model_path=str(reward_model.path), device=p.device, precision=precision,
+                     sequences=rows["input_ids"].tolist(),
+                     response_starts=rows["response_start"].tolist(), batch_size=p.score.batch_size)
     members = infer(job, p.score.num_processes, p.score.backend,
                     lambda: reward_model.load(device=p.device))
     reward, std = ensemble_reward(members, p.ensemble.aggregate, p.ensemble.penalty)
@@ -147,14 +144,16 @@ def reward_normalization(scores: pd.DataFrame) -> tuple[dict[str, float], Metric
     return stats, scalars({"reward_train_mean": stats["mean"], "reward_train_std": stats["std"]})
 
 
-def package_reward_model(reward_model: PretrainedHandle, tokenizer: PretrainedHandle,
-                         history: MetricsPayload, data_params: dict[str, Any],
-                         params: dict[str, Any]) -> ModelBundle:
+def package_reward_model(reward_model: PretrainedHandle, backbone_source: ModelSource,
+                         sft_model: PretrainedHandle, base_model: PretrainedHandle,
+                         tokenizer: PretrainedHandle, groups: pd.DataFrame, history: MetricsPayload,
+                         data_params: dict[str, Any], params: dict[str, Any]) -> ModelBundle:
     """The reward model as an MLflow Model (``rpo_pipeline.mlflow_models``): adapter + head, the
-    full-precision backbone it quantizes on load (when that is a local directory), the tokenizer
-    and the prompt template; its registered version is tagged with its val/test pair accuracy."""
+    full-precision backbone it quantizes on load (when that is a local directory), the tokenizer,
+    the prompt template and an input example from the data; its registered version is tagged with
+    its val/test pair accuracy."""
     p = RewardModelParams.parse(params)
-    backbone = json.loads((reward_model.path / CONFIG_FILE).read_text())["backbone_path"]
+    backbone = _backbone_path(backbone_source, sft_model, base_model)
     artifacts = {"reward_model": str(reward_model.path), "tokenizer": str(tokenizer.path)}
     if Path(backbone).is_dir():
         artifacts["backbone"] = backbone
@@ -162,5 +161,5 @@ def package_reward_model(reward_model: PretrainedHandle, tokenizer: PretrainedHa
             for k in ("val_accuracy", "test_accuracy", "val_loss") if history.get(k)}
     return ModelBundle(REWARD_MODEL, artifacts,
                        {"text_format": text_format(DataProcessingParams.parse(data_params)),
-                        "batch_size": p.score.batch_size, "device": p.device,
-                        "example_response": "was a delight from start to finish."}, tags)
+                        "batch_size": p.score.batch_size, "device": p.device, **data_example(groups)},
+                       tags)

@@ -2,6 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from ..data_processing.nodes import resolve_model_source
 from .nodes import (
     package_reward_model,
     reward_normalization,
@@ -14,8 +15,15 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
+                resolve_model_source,
+                inputs="params:reward_model.backbone",
+                outputs="reward_model.backbone_source",
+                name="resolve_reward_model_backbone",
+            ),
+            Node(
                 train_reward_model,
-                inputs=["sft_model", "base_model", "tokenizer", "tokenized_examples",
+                inputs=["sft_model", "base_model", "reward_model.backbone_source", "tokenizer",
+                        "tokenized_examples",
                         "preference_pairs", "preference_groups", "reward_model_stored_fingerprint",
                         "params:reward_model"],
                 outputs=["reward_model", "reward_model.training_history",
@@ -37,7 +45,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 package_reward_model,
-                inputs=["reward_model", "tokenizer", "reward_model.training_history",
+                inputs=["reward_model", "reward_model.backbone_source", "sft_model", "base_model",
+                        "tokenizer", "preference_groups", "reward_model.training_history",
                         "params:data_processing", "params:reward_model"],
                 outputs="reward_model.mlflow_model",
                 name="package_reward_model",

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rpo_pipeline.datasets import PretrainedHandle
+from rpo_pipeline.datasets import CheckpointDir, ModelSource, PretrainedHandle
 from rpo_pipeline.evaluation import make_gold_judge, rm_gold_agreement
-from rpo_pipeline.jobs import InferenceJob, PolicyJob, RewardModelJob, Split, fit, infer
+from rpo_pipeline.jobs import GenerateJob, ResponseLogpsJob, RewardModelJob, RewardsJob, RpoOnlineJob, Split, fit, infer
 from rpo_pipeline.online import KEY, refresh_pairs, round_prompts, sample_groups
 from rpo_pipeline.params import EvaluationParams, RewardModelParams, RpoOnlineParams
 from rpo_pipeline.pipelines.policy_training.nodes import run_policy_job
@@ -46,10 +46,10 @@ def sample_round(policy: PretrainedHandle, tokenizer: PretrainedHandle,
     tok = tokenizer.load()
     prompts = round_prompts(tokenized_prompts, round_index, p.prompts_per_round, p.train.seed)
     cfg = p.sampling.model_copy(update={"seed": p.sampling.seed + round_index})
-    job = InferenceJob("generate", str(policy.path), p.device, {
-        "prompts": prompts["prompt_ids"].tolist(), "cfg": cfg, "eos_id": tok.eos_token_id,
-        "pad_id": tok.pad_token_id, "greedy": False, "progress": p.train.progress,
-        "desc": f"{p.group} round {round_index}: sample"}, precision=p.train.precision)
+    job = GenerateJob(model_path=str(policy.path), device=p.device, precision=p.train.precision,
+                      prompts=prompts["prompt_ids"].tolist(), cfg=cfg, eos_id=tok.eos_token_id,
+                      pad_id=tok.pad_token_id, greedy=False, progress=p.train.progress,
+                      desc=f"{p.group} round {round_index}: sample")
     completions, logps = infer(job, p.train.num_processes, p.train.backend, policy.load)
     samples = sample_groups(prompts, completions, logps)
     log.info("%s round %d: %d prompts x %d samples in %.1f s", p.group, round_index, len(prompts),
@@ -71,15 +71,16 @@ def _rewards(reward_model: PretrainedHandle, seqs: list[list[int]], starts: list
     """The reward model's training target (``reward_model.ensemble.aggregate``) and the members'
     spread for each sample."""
     t = p.train
-    members = infer(InferenceJob("rewards", str(reward_model.path), p.device, {
-        "sequences": seqs, "response_starts": starts, "batch_size": p.sampling.batch_size},
-        precision=t.precision), t.num_processes, t.backend, lambda: reward_model.load(device=p.device))
+    members = infer(RewardsJob(model_path=str(reward_model.path), device=p.device, precision=t.precision,
+                               sequences=seqs, response_starts=starts,
+                               batch_size=p.sampling.batch_size),
+                    t.num_processes, t.backend, lambda: reward_model.load(device=p.device))
     return ensemble_reward(members, rm.ensemble.aggregate, rm.ensemble.penalty)
 
 
 def label_round(samples: pd.DataFrame, reward_model: PretrainedHandle, sft_model: PretrainedHandle,
                 tokenizer: PretrainedHandle, reward_stats: dict, groups: pd.DataFrame,
-                params: dict[str, Any], evaluation_params: dict[str, Any],
+                gold_judge_model: ModelSource, params: dict[str, Any], evaluation_params: dict[str, Any],
                 reward_model_params: dict[str, Any]) -> pd.DataFrame:
     """Reward-model score (and the ensemble's spread), log π_ref and gold score of every sample,
     and the normalised target training reads: the reward model's (``judge: reward_model``) or
@@ -93,7 +94,7 @@ def label_round(samples: pd.DataFrame, reward_model: PretrainedHandle, sft_model
     p = RpoOnlineParams.parse(params)
     e = EvaluationParams.parse(evaluation_params)
     rm = RewardModelParams.parse(reward_model_params)
-    judge = make_gold_judge(e.gold_judge, e.gold_judge_args)
+    judge = make_gold_judge(e.gold_judge, e.gold_judge_args, gold_judge_model.name_or_path)
     needs_gold = p.judge == "gold" or p.refresh.labels_per_round > 0
     if judge is None and needs_gold:
         raise ValueError("rpo_online.judge = 'gold' and rpo_online.refresh.labels_per_round > 0 need "
@@ -102,9 +103,11 @@ def label_round(samples: pd.DataFrame, reward_model: PretrainedHandle, sft_model
     seqs, starts = samples["input_ids"].map(list).tolist(), samples["response_start"].tolist()
     t = p.train
     reward, spread = _rewards(reward_model, seqs, starts, p, rm)
-    ref_logp, _ = infer(InferenceJob("response_logps", str(sft_model.path), p.device, {
-        "input_ids": seqs, "response_starts": starts, "batch_size": p.sampling.batch_size,
-        "progress": False}, precision=t.precision), t.num_processes, t.backend, sft_model.load)
+    ref_logp, _ = infer(ResponseLogpsJob(model_path=str(sft_model.path), device=p.device,
+                                         precision=t.precision, input_ids=seqs,
+                                         response_starts=starts,
+                                         batch_size=p.sampling.batch_size,
+                                         progress=False), t.num_processes, t.backend, sft_model.load)
     if judge is None:
         gold = np.full(len(samples), np.nan)
     else:
@@ -161,9 +164,9 @@ def refresh_reward_model(labelled: pd.DataFrame, reward_model: PretrainedHandle,
     train = rm.train.model_copy(update={"steps": p.refresh.steps, "seed": rm.train.seed + round_index,
                                         "warmup_steps": min(rm.train.warmup_steps, p.refresh.steps)})
     rm = rm.model_copy(update={"train": train})
-    job = RewardModelJob(None, rm.model_dump(), Split(items, lengths), {},
+    job = RewardModelJob(config=None, params=rm, train=Split(items, lengths),
                          init_from=str(reward_model.path))
-    model, result, _ = fit("reward_model", job, train.num_processes, train.backend, rm.device,
+    model, result, _ = fit(job, train.num_processes, train.backend, rm.device,
                            lambda: RewardModel.continue_training(str(reward_model.path), train.seed,
                                                                  rm.device),
                            RewardModel.from_pretrained)
@@ -223,7 +226,7 @@ def count_gold_labels(reward_model_history: dict, params: dict[str, Any],
 
 
 def train_round(policy: PretrainedHandle, tokenizer: PretrainedHandle, labelled: pd.DataFrame,
-                params: dict[str, Any], *, round_index: int
+                checkpoints: CheckpointDir, params: dict[str, Any], *, round_index: int
                 ) -> tuple[Any, MetricsPayload, MetricsPayload]:
     """``train.steps`` RPO steps on this round's samples, from the current policy.
 
@@ -234,14 +237,12 @@ def train_round(policy: PretrainedHandle, tokenizer: PretrainedHandle, labelled:
     """
     p = RpoOnlineParams.parse(params)
     t = p.train
-    train = t.model_copy(update={
-        "seed": t.seed + round_index,
-        "checkpoint_dir": None if t.checkpoint_dir is None else f"{t.checkpoint_dir}/round_{round_index}"})
+    train = t.model_copy(update={"seed": t.seed + round_index})
     p = p.model_copy(update={"train": train})
     items = group_items(labelled, labelled[["group_id", "response_index", "ref_logp"]],
                         labelled[["group_id", "response_index", "target"]], "train")
-    job = PolicyJob("rpo_online", str(policy.path), p.model_dump(),
-                    Split(*items), Split([], []))
+    job = RpoOnlineJob(model_path=str(policy.path), params=p, train=Split(*items), val=Split([], []),
+                       val_pairs=Split([], []), checkpoint_dir=str(checkpoints.path))
     model, _, history, metrics = run_policy_job(policy, job, p)
     spread = labelled.groupby("group_id")["reward"].std(ddof=0).mean()
     gold = {}

@@ -22,7 +22,7 @@ from .nodes import (
 )
 
 SHARED = ["tokenizer", "tokenized_prompts", "tokenized_examples", "preference_pairs",
-          "preference_groups", "sft_model"]
+          "preference_groups", "sft_model", "gold_judge_model"]
 PARAMS = {"params:rpo_online", "params:evaluation", "params:reward_model"}
 
 
@@ -38,7 +38,7 @@ def round_template(r: int, refresh: bool) -> Pipeline:
              outputs="samples", name="sample_round"),
         Node(label_round,
              inputs=["samples", "current_reward_model", "sft_model", "tokenizer",
-                     "current_reward_stats", "preference_groups", "params:rpo_online",
+                     "current_reward_stats", "preference_groups", "gold_judge_model", "params:rpo_online",
                      "params:evaluation", "params:reward_model"],
              outputs="labelled_samples", name="label_round"),
     ]
@@ -61,7 +61,7 @@ def round_template(r: int, refresh: bool) -> Pipeline:
     nodes.append(Node(_for_round(train_round, r),
                       inputs=["previous_policy", "tokenizer",
                               "training_samples" if refresh else "labelled_samples",
-                              "params:rpo_online"],
+                              "checkpoints", "params:rpo_online"],
                       outputs=["policy_model", "training_history", "train_metrics"],
                       name="train_round"))
     return Pipeline(nodes)
