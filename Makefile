@@ -4,6 +4,7 @@
 #                      or several processes), ~3 min on 2 cores
 #   make test-all   -> every test (CI)
 #   make reproduce  -> the default run on a fresh copy, compared with benchmarks/results/default_metrics.json
+#   make docs       -> the documentation site, mkdocs build --strict (site/)
 #   make gpu-check  -> the GPU paths on one CUDA device (scripts/gpu_check.py)
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -12,7 +13,7 @@ export KEDRO_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-all reproduce gpu-check lint viz mlflow-ui clean-data
+.PHONY: setup run test test-all reproduce gpu-check lint docs viz mlflow-ui clean-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,10 @@ gpu-check: setup
 lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/lint-imports
+
+# the documentation site (docs/ -> site/); --strict: a broken link or a missing page fails
+docs: setup
+	$(BIN)/mkdocs build --strict
 
 # the UIs shell out to the venv's executables, so put it on PATH
 viz: setup

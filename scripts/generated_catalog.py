@@ -16,7 +16,6 @@ MLflow metrics and artifacts keep their names: a generated run is its own MLflow
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import re
@@ -24,6 +23,9 @@ import sys
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module below
+from generated_file import write_or_check  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE, TARGET = ROOT / "conf/base/catalog.yml", ROOT / "conf/base/catalog_generated.yml"
@@ -104,19 +106,7 @@ def render(entries: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if the file is out of date")
-    args = ap.parse_args(argv)
-    text = render(generated_entries(needed_names()))
-    if args.check:
-        current = TARGET.read_text() if TARGET.exists() else ""
-        if current != text:
-            print(f"{TARGET.relative_to(ROOT)} is out of date: run python scripts/generated_catalog.py")
-            return 1
-        return 0
-    TARGET.write_text(text)
-    print(f"wrote {TARGET.relative_to(ROOT)}")
-    return 0
+    return write_or_check(TARGET, lambda: render(generated_entries(needed_names())), __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
-Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")]
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                              description="where the stage runs: auto (cuda when available, else cpu) | cpu | "
+                                          "mps | cuda | cuda:N")]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
@@ -90,26 +92,36 @@ class Schema(BaseModel):
 # ---- shared blocks ------------------------------------------------------------------------------
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see precision.py
 
+Backend = Annotated[Literal[BACKENDS], Field(description="torch.distributed backend; auto: nccl on CUDA, gloo "
+                                                         "otherwise")]
+Precision = Annotated[Literal[PRECISIONS], Field(description="as in train.precision: autocast for the forward "
+                                                             "passes")]
+
 
 class TrainParams(Schema):
     """A ``train`` block: AdamW with warmup + schedule, clipping, accumulation (``training.train``)."""
 
-    steps: NonNegInt
-    batch_size: PosInt
-    max_tokens_per_batch: PosInt | None  # also at most this many packed tokens per batch
-    grad_accum: PosInt
-    lr: PosFloat
-    warmup_steps: NonNegInt
-    schedule: Literal[SCHEDULES]
-    weight_decay: NonNegFloat
-    max_grad_norm: PosFloat
-    seed: int
-    log_every: PosInt
-    progress: bool
-    precision: Literal[PRECISIONS]  # auto: bf16 autocast on CUDA with bf16, else fp32 (precision.py)
-    num_processes: PosInt  # data-parallel workers (1: in the node's process)
-    strategy: Literal["ddp", "fsdp"]  # how the workers share the model (accelerate)
-    backend: Literal[BACKENDS]  # torch.distributed backend; auto: nccl on CUDA, gloo otherwise
+    steps: Annotated[NonNegInt, Field(description='optimizer steps')]
+    batch_size: Annotated[PosInt, Field(description=(
+        "items per optimizer step (the global batch, split over the processes)"))]
+    max_tokens_per_batch: Annotated[PosInt | None, Field(description=(
+        "also at most this many packed tokens per batch (an item above it trains alone); null: items only"))]
+    grad_accum: Annotated[PosInt, Field(description='micro-batches accumulated per optimizer step')]
+    lr: Annotated[PosFloat, Field(description='AdamW peak learning rate')]
+    warmup_steps: Annotated[NonNegInt, Field(description='linear warmup steps')]
+    schedule: Annotated[Literal[SCHEDULES], Field(description='learning-rate schedule after warmup')]
+    weight_decay: Annotated[NonNegFloat, Field(description='AdamW weight decay (not on biases and norms)')]
+    max_grad_norm: Annotated[PosFloat, Field(description='gradient clipping norm')]
+    seed: Annotated[int, Field(description='seed of the data order, initialisation and dropout')]
+    log_every: Annotated[PosInt, Field(description='log metrics every N steps')]
+    progress: Annotated[bool, Field(description='show a progress bar')]
+    precision: Annotated[Literal[PRECISIONS], Field(description=(
+        "auto: bf16 autocast on CUDA with bf16, else fp32 | fp32 | bf16 | fp16 (CUDA)"))]
+    num_processes: Annotated[PosInt, Field(description="data-parallel worker processes (1: in the node's process)")]
+    strategy: Annotated[Literal["ddp", "fsdp"], Field(description=(
+        "how the workers share the model (accelerate): ddp | fsdp (GPUs only)"))]
+    backend: Annotated[Literal[BACKENDS], Field(description=(
+        "torch.distributed backend; auto: nccl on CUDA, gloo otherwise"))]
 
     @model_validator(mode="after")
     def _every_process_gets_items(self) -> TrainParams:
@@ -125,16 +137,20 @@ class PolicyTrainParams(TrainParams):
     """DPO / RPO ``train``: adds periodic evaluation, checkpoints (in the catalog's
     ``<method>.checkpoints``) and resume."""
 
-    eval_every: NonNegInt
-    checkpoint_every: NonNegInt
-    resume: bool
+    eval_every: Annotated[NonNegInt, Field(description='evaluate on the val split every N steps (0: only at the end)')]
+    checkpoint_every: Annotated[NonNegInt, Field(description=(
+        "write a resumable checkpoint to <method>.checkpoints every N steps (0: none)"))]
+    resume: Annotated[bool, Field(description='continue from the last checkpoint, only if it comes from this same run')]
 
 
 class LoraParams(Schema):
-    r: PosInt
-    alpha: PosInt
-    dropout: Annotated[float, Field(ge=0, lt=1)]
-    target_modules: Any  # auto (per architecture) | all-linear | [layer names]: base_model.lora_target_modules
+    """LoRA adapters (peft)."""
+
+    r: Annotated[PosInt, Field(description='LoRA rank')]
+    alpha: Annotated[PosInt, Field(description='LoRA scaling numerator (scale alpha / r)')]
+    dropout: Annotated[float, Field(ge=0, lt=1, description='dropout on the LoRA input')]
+    target_modules: Annotated[Any, Field(description=(
+        "auto: the architecture's attention + MLP projections | all-linear | a list of layer names"))]
 
     @field_validator("target_modules")
     @classmethod
@@ -147,30 +163,41 @@ class LoraParams(Schema):
 
 
 class PolicyLoraParams(LoraParams):
-    enabled: bool
+    """LoRA adapters (peft) on the policy, merged into it when training ends."""
+
+    enabled: Annotated[bool, Field(description=(
+        "train LoRA adapters (merged into the policy at the end) instead of every weight"))]
 
 
 class InferenceParams(Schema):
     """Batched inference (log-probs, reward scores), sharded by batch over ``num_processes``."""
 
-    batch_size: PosInt
-    num_processes: PosInt
-    backend: Literal[BACKENDS]
-    precision: Literal[PRECISIONS]  # as in TrainParams: autocast for the forward passes
+    batch_size: Annotated[PosInt, Field(description='sequences per forward pass')]
+    num_processes: Annotated[PosInt, Field(description='worker processes the batches are sharded over')]
+    backend: Annotated[Literal[BACKENDS], Field(description=(
+        "torch.distributed backend; auto: nccl on CUDA, gloo otherwise"))]
+    precision: Annotated[Literal[PRECISIONS], Field(description=(
+        "as in train.precision: autocast for the forward passes"))]
 
 
 # ---- base_model ---------------------------------------------------------------------------------
 class BuiltinTokenizerParams(Schema):
-    vocab_size: Annotated[int, Field(ge=260)]  # 256 bytes + the special tokens
-    min_frequency: PosInt
+    """The builtin model's byte-level BPE tokenizer, trained on the train split's text."""
+
+    vocab_size: Annotated[Annotated[int, Field(ge=260)], Field(description=(
+        "byte-level BPE vocabulary size (256 bytes + special tokens at least)"))]
+    min_frequency: Annotated[PosInt, Field(description='minimum count of a merged token in the training text')]
 
 
 class BuiltinModelParams(Schema):
-    n_layer: PosInt
-    n_embd: PosInt
-    n_head: PosInt
-    n_positions: PosInt
-    activation_function: Literal["gelu_pytorch_tanh", "gelu_new", "gelu", "relu", "silu"]
+    """Sizes of the builtin GPT-2, built from config with random weights."""
+
+    n_layer: Annotated[PosInt, Field(description='transformer blocks')]
+    n_embd: Annotated[PosInt, Field(description='hidden width')]
+    n_head: Annotated[PosInt, Field(description='attention heads (must divide n_embd)')]
+    n_positions: Annotated[PosInt, Field(description='longest sequence, in tokens')]
+    activation_function: Annotated[Literal["gelu_pytorch_tanh", "gelu_new", "gelu", "relu", "silu"], Field(description=(
+        "MLP activation"))]
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> BuiltinModelParams:
@@ -205,9 +232,9 @@ class BaseModelParams(Schema):
 
 # ---- data_processing ----------------------------------------------------------------------------
 class SplitParams(Schema):
-    train: Fraction
-    val: Fraction
-    test: Fraction
+    train: Annotated[Fraction, Field(description='fraction of prompts in the train split')]
+    val: Annotated[Fraction, Field(description='fraction of prompts in the val split (choosing defaults)')]
+    test: Annotated[Fraction, Field(description='fraction of prompts in the test split (final numbers only)')]
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitParams:
@@ -256,6 +283,8 @@ class DataProcessingParams(Schema):
 
 # ---- reference ----------------------------------------------------------------------------------
 class SftParams(TrainParams):
+    """``reference.sft``: supervised fine-tuning of the base model into π_SFT = π_ref."""
+
     responses: Literal["all", "chosen"]
     eval_every: NonNegInt  # val loss every N steps (0: only at the end)
     patience: NonNegInt  # early stopping: stop after N evaluations without a lower val loss (0: off)
@@ -372,13 +401,13 @@ class RpoParams(RewardAwareParams):
 class SamplingConfig(Schema):
     """Sampling settings shared by every policy (``evaluation.sampling``)."""
 
-    n_samples: PosInt
-    temperature: PosFloat
-    top_p: Annotated[float, Field(gt=0, le=1)]
-    top_k: NonNegInt  # 0: off
-    max_new_tokens: PosInt
-    batch_size: PosInt  # prompts per generate call (x n_samples sequences)
-    seed: int
+    n_samples: Annotated[PosInt, Field(description='completions sampled per prompt')]
+    temperature: Annotated[PosFloat, Field(description='sampling temperature')]
+    top_p: Annotated[Annotated[float, Field(gt=0, le=1)], Field(description='nucleus sampling mass (1: off)')]
+    top_k: Annotated[NonNegInt, Field(description='top-k sampling (0: off)')]
+    max_new_tokens: Annotated[PosInt, Field(description='longest completion, in tokens')]
+    batch_size: Annotated[PosInt, Field(description='prompts per generate call (x n_samples sequences)')]
+    seed: Annotated[int, Field(description='seed of the sampler')]
 
     @field_validator("top_k", mode="before")
     @classmethod
@@ -392,10 +421,11 @@ class SamplingConfig(Schema):
 class GoldJudgeArgs(Schema):
     """``hf_classifier`` settings (``model`` must stay null for the other judges)."""
 
-    model: NonEmptyStr | None
-    positive_label: NonEmptyStr
-    batch_size: PosInt
-    device: Device
+    model: Annotated[NonEmptyStr | None, Field(description=(
+        "hf_classifier: a local path or Hub id of a sentiment classifier (null for the other judges)"))]
+    positive_label: Annotated[NonEmptyStr, Field(description='hf_classifier: the label whose probability is the score')]
+    batch_size: Annotated[PosInt, Field(description='hf_classifier: texts per forward pass')]
+    device: Annotated[Device, Field(description='hf_classifier: auto | cpu | cuda[:N]')]
 
 
 class CurveParams(Schema):
@@ -415,7 +445,7 @@ class EvaluationParams(Schema):
     device: Device
     progress: bool
     num_processes: PosInt  # sampling and scoring sharded by batch (samples do not depend on it)
-    backend: Literal[BACKENDS]
+    backend: Backend
     precision: Literal[PRECISIONS]  # sampling and scoring (the gold judge runs as it is)
 
     @model_validator(mode="after")
@@ -470,8 +500,8 @@ class GeneratePreferencesParams(Schema):
     device: Device
     progress: bool
     num_processes: PosInt
-    backend: Literal[BACKENDS]
-    precision: Literal[PRECISIONS]
+    backend: Backend
+    precision: Precision
 
     @model_validator(mode="after")
     def _groups_need_two_responses(self) -> GeneratePreferencesParams:
