@@ -46,12 +46,10 @@ def configure_run_shape(params: dict[str, Any]) -> None:
     """Build the pipelines from this run's parameters: when that changes their shape, Kedro's
     project pipelines are reconfigured (``pipelines.configure``: rebuilt on next access)."""
     shape = shape_of(params)
-    if shape != run_shape():
+    if shape != _run_shape:
         _run_shape.clear()
         _run_shape.update(shape)
         project.pipelines.configure(PIPELINES_MODULE)
-    else:
-        _run_shape.update(shape)
 
 
 def run_shape() -> dict[str, Any]:
