@@ -1,11 +1,13 @@
 """Retake the documentation's screenshots (docs/images/*.png) from this project's last runs.
 
 Starts kedro-viz and the MLflow UI on local ports, drives headless Chromium with Playwright, and
-writes each picture at the size the pages show it (1400 px wide). kedro-viz's onboarding tour and
-its version banner are switched off before the page loads (its local-storage flags), and hidden if
-they still draw. Needs a finished `kedro run` (two runs for the compare view, e.g. a second one with
-`--params dpo.beta=0.1,rpo.beta=0.1`), Chromium (`apt-get install chromium`) and
-`pip install playwright` (the browser Playwright would download is not needed).
+writes each picture at about the width the documentation shows it (1000 px; the page with the
+pictures hides its table of contents to give them that width). kedro-viz's onboarding tour and its
+version banner are switched off before the page loads (its local-storage flags), and hidden if they
+still draw; its menu and minimap are hidden and the DAG is zoomed until node names read. MLflow's
+assistant panel and side bar are closed. Needs a finished `kedro run` (two runs for the compare
+view, e.g. a second one with `--params dpo.beta=0.1,rpo.beta=0.1`), Chromium (`apt-get install
+chromium`) and `pip install playwright` (the browser Playwright would download is not needed).
 
     python scripts/screenshots.py [--chromium /usr/bin/chromium] [--out docs/images]
 """
@@ -26,7 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VIEWPORT = {"width": 1400, "height": 860}
+VIEWPORT = {"width": 1000, "height": 760}
+DAG_ZOOM = 60  # kedro-viz zoom (%) at which node names read at the page's width
 # kedro-viz keeps its UI state in localStorage["KedroViz"]; these keep the tour and banners away
 VIZ_STATE = {"showFeatureHints": False, "featureHintStep": 0, "showBanner": {}, "flags": {}}
 HIDE_POPUPS = """.feature-hints, .feature-hints__card, .update-reminder-unexpanded, .update-reminder-expanded,
@@ -82,21 +85,50 @@ def _open(page, url: str) -> None:
     page.wait_for_timeout(3000)
 
 
+def _zoom_level(page) -> int:
+    return int(page.get_by_title("Zoom level").inner_text().rstrip("%"))
+
+
 def _viz(page, base: str, out: Path) -> None:
     page.add_init_script(f"window.localStorage.setItem('KedroViz', {json.dumps(json.dumps(VIZ_STATE))});")
-    # one stage by layer, at a zoom where the names read
+    # the top of data_processing (raw -> intermediate -> primary layers) at a zoom where names read
     _open(page, f"{base}/?pid=data_processing")
+    page.get_by_label("Hide menu").click()
+    page.get_by_label("Turn minimap off").click()
+    for _ in range(10):
+        if _zoom_level(page) >= DAG_ZOOM:
+            break
+        page.get_by_label("Zoom in").click()
+        page.wait_for_timeout(600)
+    # zooming keeps the centre: drag the DAG down until its first row is at the top
+    page.mouse.move(600, 200)
+    page.mouse.down()
+    page.mouse.move(600, 200 + VIEWPORT["height"] // 2, steps=15)
+    page.mouse.up()
+    page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)  # no tooltip
+    page.wait_for_timeout(1000)
     page.screenshot(path=str(out / "kedro_viz.png"))
     # the evaluation stage with a table and a plot previewed in the side panel
     for name, picture in (("evaluation.policy_metrics", "kedro_viz_table_preview.png"),
                           ("evaluation.reward_vs_kl_plot", "kedro_viz_preview.png")):
         _open(page, f"{base}/?pid=evaluation&sid={_node_id(base, 'evaluation', name)}")
+        page.get_by_label("Hide menu").click()
+        page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)
+        page.wait_for_timeout(1000)
         page.screenshot(path=str(out / picture))
 
 
-# MLflow 3.17's chat side panel ("MLflow Assistant") takes the right third of every page: the
-# pictures are cut to the page's own column
-MLFLOW_CLIP = {"x": 0, "y": 0, "width": 1036, "height": VIEWPORT["height"]}
+# the compare view's visualisation section, above the run details
+COMPARE_CLIP = {"x": 0, "y": 0, "width": VIEWPORT["width"], "height": 640}
+
+
+def _mlflow_chrome_off(page) -> None:
+    """Close MLflow 3.17's assistant panel (it takes a third of the page) and fold its side bar."""
+    close = page.get_by_label("Close", exact=True)
+    if close.count():
+        close.first.click()
+    page.get_by_label("Toggle sidebar").first.click()
+    page.wait_for_timeout(1500)
 
 
 def _mlflow(page, base: str, out: Path) -> None:
@@ -111,10 +143,11 @@ def _mlflow(page, base: str, out: Path) -> None:
     page.goto(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([exp.experiment_id])}",
               wait_until="load")
     page.wait_for_timeout(5000)
-    # the parallel-coordinates plot of β against the evaluation's gold reward and KL
-    for label, keys in (("Parameters:", ["dpo.beta", "rpo.beta"]),
-                        ("Metrics:", ["evaluation.dpo.gold_reward_mean", "evaluation.rpo.gold_reward_mean",
-                                      "evaluation.dpo.kl_to_reference", "evaluation.rpo.kl_to_reference"])):
+    _mlflow_chrome_off(page)
+    # the parallel-coordinates plot of DPO's β against its KL and gold reward (three axes: the
+    # axis titles overlap with more)
+    for label, keys in (("Parameters:", ["dpo.beta"]),
+                        ("Metrics:", ["evaluation.dpo.kl_to_reference", "evaluation.dpo.gold_reward_mean"])):
         box = page.get_by_text(label, exact=True).first.bounding_box()
         page.mouse.click(box["x"] + 120, box["y"] + box["height"] + 20)
         for _ in range(6):  # the default choices
@@ -125,11 +158,14 @@ def _mlflow(page, base: str, out: Path) -> None:
             page.keyboard.press("Enter")
         page.keyboard.press("Escape")
         page.wait_for_timeout(1000)
-    page.mouse.click(VIEWPORT["width"] - 200, 120)
-    page.screenshot(path=str(out / "mlflow_compare.png"), clip=MLFLOW_CLIP)
+    page.mouse.click(VIEWPORT["width"] - 20, 400)  # close the choice lists
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(out / "mlflow_compare.png"), clip=COMPARE_CLIP)
     page.goto(f"{base}/#/models/rpo_pipeline.dpo_policy/versions/1", wait_until="load")
     page.wait_for_timeout(4000)
-    page.screenshot(path=str(out / "mlflow_registered_model.png"), clip=MLFLOW_CLIP)
+    if page.get_by_label("Close", exact=True).count():
+        _mlflow_chrome_off(page)
+    page.screenshot(path=str(out / "mlflow_registered_model.png"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,6 +199,8 @@ def test_evaluation_compares_policies_with_the_reference(tiny_run):
 
     preview = ReportTableDataset(filepath=str(report / "evaluation_metrics.parquet")).preview(2)
     assert preview["columns"][0] == "policy" and len(preview["data"]) == 2
+    gold = preview["data"][1][preview["columns"].index("gold_reward_mean")]
+    assert gold == round(gold, 4) and gold == pytest.approx(m["evaluation.dpo.gold_reward_mean"], abs=5e-5)
     # training histories are catalog datasets (<method>.training_history) the plots read
     histories = project / "data/06_models/training_history"
     for name in ("dpo", "rpo", "rpo_online", "reward_model"):

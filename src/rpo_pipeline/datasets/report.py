@@ -31,11 +31,11 @@ class ReportTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
     Example (Python)::
 
         >>> ds = ReportTableDataset(filepath=str(tmp_path / "metrics.parquet"))
-        >>> ds.save(pd.DataFrame({"policy": ["dpo"], "kl": [0.5]}))
+        >>> ds.save(pd.DataFrame({"policy": ["dpo"], "kl": [0.5123456]}))
         >>> (tmp_path / "metrics.csv").read_text()
-        'policy,kl\\ndpo,0.5\\n'
+        'policy,kl\\ndpo,0.5123456\\n'
         >>> ds.preview(nrows=1)["data"]
-        [['dpo', 0.5]]
+        [['dpo', 0.5123]]
     """
 
     def __init__(self, *, filepath: str, mlflow_artifact_file: str | None = None,
@@ -64,9 +64,10 @@ class ReportTableDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
             if self._csv_artifact_path is not None:
                 mlflow.log_text(data.to_csv(index=False), f"{self._csv_artifact_path}/{self._csv.name}")
 
-    def preview(self, nrows: int = 5) -> TablePreview:
-        """kedro-viz's table preview: the first ``nrows`` rows, pandas' ``split`` orient."""
-        return self.load().head(nrows).to_dict(orient="split")
+    def preview(self, nrows: int = 5, decimals: int = 4) -> TablePreview:
+        """kedro-viz's table preview: the first ``nrows`` rows, pandas' ``split`` orient, floats
+        rounded to ``decimals`` places so that the side panel shows more than one column."""
+        return self.load().head(nrows).round(decimals).to_dict(orient="split")
 
     def _exists(self) -> bool:
         return self._file.exists()
