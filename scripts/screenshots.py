@@ -101,11 +101,13 @@ def _viz(page, base: str, out: Path) -> None:
         page.get_by_label("Zoom in").click()
         page.wait_for_timeout(600)
     # zooming keeps the centre: drag the DAG down until its first row is at the top
-    page.mouse.move(600, 200)
+    top = page.evaluate("Math.min(...Array.from(document.querySelectorAll('g.pipeline-node'),"
+                        " n => n.getBoundingClientRect().top))")
+    page.mouse.move(600, 100)
     page.mouse.down()
-    page.mouse.move(600, 200 + VIEWPORT["height"] // 2, steps=15)
+    page.mouse.move(600, 100 + 30 - top, steps=15)
     page.mouse.up()
-    page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)  # no tooltip
+    page.mouse.move(40, 340)  # on the blank part of the tool bar: no tooltip, no layer lit
     page.wait_for_timeout(1000)
     page.screenshot(path=str(out / "kedro_viz.png"))
     # the evaluation stage with a table and a plot previewed in the side panel
