@@ -120,8 +120,7 @@ class TrainParams(Schema):
     num_processes: Annotated[PosInt, Field(description="data-parallel worker processes (1: in the node's process)")]
     strategy: Annotated[Literal["ddp", "fsdp"], Field(description=(
         "how the workers share the model (accelerate): ddp | fsdp (GPUs only)"))]
-    backend: Annotated[Literal[BACKENDS], Field(description=(
-        "torch.distributed backend; auto: nccl on CUDA, gloo otherwise"))]
+    backend: Backend
 
     @model_validator(mode="after")
     def _every_process_gets_items(self) -> TrainParams:
@@ -174,17 +173,15 @@ class InferenceParams(Schema):
 
     batch_size: Annotated[PosInt, Field(description='sequences per forward pass')]
     num_processes: Annotated[PosInt, Field(description='worker processes the batches are sharded over')]
-    backend: Annotated[Literal[BACKENDS], Field(description=(
-        "torch.distributed backend; auto: nccl on CUDA, gloo otherwise"))]
-    precision: Annotated[Literal[PRECISIONS], Field(description=(
-        "as in train.precision: autocast for the forward passes"))]
+    backend: Backend
+    precision: Precision
 
 
 # ---- base_model ---------------------------------------------------------------------------------
 class BuiltinTokenizerParams(Schema):
     """The builtin model's byte-level BPE tokenizer, trained on the train split's text."""
 
-    vocab_size: Annotated[Annotated[int, Field(ge=260)], Field(description=(
+    vocab_size: Annotated[int, Field(ge=260, description=(
         "byte-level BPE vocabulary size (256 bytes + special tokens at least)"))]
     min_frequency: Annotated[PosInt, Field(description='minimum count of a merged token in the training text')]
 
@@ -403,7 +400,7 @@ class SamplingConfig(Schema):
 
     n_samples: Annotated[PosInt, Field(description='completions sampled per prompt')]
     temperature: Annotated[PosFloat, Field(description='sampling temperature')]
-    top_p: Annotated[Annotated[float, Field(gt=0, le=1)], Field(description='nucleus sampling mass (1: off)')]
+    top_p: Annotated[float, Field(gt=0, le=1, description='nucleus sampling mass (1: off)')]
     top_k: Annotated[NonNegInt, Field(description='top-k sampling (0: off)')]
     max_new_tokens: Annotated[PosInt, Field(description='longest completion, in tokens')]
     batch_size: Annotated[PosInt, Field(description='prompts per generate call (x n_samples sequences)')]

@@ -21,16 +21,19 @@ class CheckpointDir:
 
     path: Path
 
+    def _state(self) -> dict[str, Any]:
+        """The last checkpoint's ``trainer_state.json`` ({} without a checkpoint)."""
+        state = self.path / "last" / STATE_FILE
+        return json.loads(state.read_text()) if state.is_file() else {}
+
     def provenance(self) -> dict[str, Any] | None:
         """What the last checkpoint records of the run that wrote it (start model, data and the
         parameters that change the result, ``jobs.provenance``); None without a checkpoint."""
-        state = self.path / "last" / STATE_FILE
-        return json.loads(state.read_text()).get("provenance") if state.is_file() else None
+        return self._state().get("provenance")
 
     def step(self) -> int:
         """The step of the last checkpoint (0: none)."""
-        state = self.path / "last" / STATE_FILE
-        return int(json.loads(state.read_text())["step"]) if state.is_file() else 0
+        return int(self._state().get("step", 0))
 
 
 class CheckpointDirDataset(AbstractDataset[None, CheckpointDir]):

@@ -14,7 +14,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from rpo_pipeline.atomic import atomic_dir
+from rpo_pipeline.atomic import atomic_dir, atomic_file
 from rpo_pipeline.datasets._fs import local_path
 from rpo_pipeline.sources import MODELS_URI, hub_revision, is_hub_id
 
@@ -118,10 +118,8 @@ class ModelSourceDataset(AbstractDataset[Mapping[str, str | None], ModelSource])
 
     def save(self, data: Mapping[str, str | None]) -> None:
         source = self._resolve(data["name_or_path"])
-        self._path.mkdir(parents=True, exist_ok=True)
-        tmp = self._path / f".{SOURCE_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(source)))
-        tmp.replace(self._path / SOURCE_FILE)
+        with atomic_file(self._path / SOURCE_FILE) as tmp:
+            tmp.write_text(json.dumps(asdict(source)))
 
     def _resolve(self, value: str | None) -> ModelSource:
         if value is None:
